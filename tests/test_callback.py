@@ -1,0 +1,224 @@
+"""ProxSparseCallback on a real transformers.Trainer with tiny random models (CPU)."""
+
+import glob
+import os
+
+import pytest
+import torch
+from tiny_models import random_windows, tiny_model
+from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
+
+from proxsparse_hf import ProxSparseConfig, is_2to4
+from proxsparse_hf.data import TokenWindows
+from proxsparse_hf.learner import SNAPSHOT_NAME, MaskLearner
+from proxsparse_hf.regularizers import frozen_weight_grad
+from trainer_callbacks import ProxSparseCallback
+
+
+class Recorder(TrainerCallback):
+    def __init__(self):
+        self.logs = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs))
+
+
+def _args(tmp_path, **kw):
+    base = dict(
+        output_dir=str(tmp_path / "trainer"),
+        learning_rate=5e-3,
+        max_steps=6,
+        per_device_train_batch_size=2,
+        warmup_ratio=0.1,
+        logging_steps=2,
+        save_strategy="no",
+        report_to=[],
+        seed=0,
+        data_seed=0,
+        use_cpu=True,
+        remove_unused_columns=False,
+        disable_tqdm=True,
+    )
+    base.update(kw)
+    return TrainingArguments(**base)
+
+
+def _train(model, tmp_path, config, callbacks=(), resume=None, **kw):
+    data = TokenWindows(random_windows(16, 32))
+    cb = ProxSparseCallback(config)
+    trainer = Trainer(
+        model=model, args=_args(tmp_path, **kw), train_dataset=data, data_collator=default_data_collator,
+        callbacks=[cb, *callbacks],
+    )
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer, cb
+
+
+def _check_pruned(model, original, cb):
+    state = model.state_dict()
+    masked = set(cb.masks)
+    assert masked == {t.param_name for t in cb.learner.targets.values()}
+    for name, value in state.items():
+        if name in masked:
+            t = next(t for t in cb.learner.targets.values() if t.param_name == name)
+            assert is_2to4(value, dim=0 if t.transposed else -1), name
+            keep = cb.masks[name]
+            assert torch.equal(value[keep], original[name][keep]), name  # surviving = original, bit for bit
+            assert (value[~keep] == 0).all()
+        else:
+            assert torch.equal(value, original[name]), f"non-target {name} changed"
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "gpt_neox"])
+def test_end_to_end(family, tmp_path):
+    model = tiny_model(family)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer, cb = _train(model, tmp_path, ProxSparseConfig(lambda1=2.0, lambda_scaling="weight_scale"))
+    assert trainer.model is model
+    _check_pruned(model, original, cb)
+    assert cb.report.all_2to4 and cb.report.target_sparsity == 0.5
+    history = [h for h in trainer.state.log_history if "loss" in h]
+    frac = [h["proxsparse/frac_2to4"] for h in history]
+    assert frac[-1] > frac[0] >= 0  # the prox pushes groups to 2:4 during training
+    assert all(h["proxsparse/dist_to_original"] > 0 for h in history)
+
+
+def test_masks_come_from_learning_not_magnitude(tmp_path):
+    """With a strong prox the learned mask differs from magnitude pruning somewhere."""
+    from proxsparse_hf import extract_2to4_masks
+
+    model = tiny_model("llama")
+    magnitude = extract_2to4_masks(model)
+    _, cb = _train(model, tmp_path, ProxSparseConfig(lambda1=5.0, lambda_scaling="weight_scale"), learning_rate=5e-2)
+    assert any(not torch.equal(cb.masks[k], magnitude[k]) for k in magnitude)
+
+
+def test_metrics_reach_log_history_later_callbacks_and_tensorboard(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    recorder = Recorder()
+    trainer, cb = _train(
+        tiny_model("llama"), tmp_path, ProxSparseConfig(lambda1=1.0), callbacks=[recorder], report_to=["tensorboard"]
+    )
+    keys = ["proxsparse/frac_2to4", "proxsparse/mask_flips", "proxsparse/regularizer", "proxsparse/dist_to_original"]
+    train_logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(train_logs) == 3
+    for entry in train_logs:
+        assert all(k in entry for k in keys)
+    assert [r["proxsparse/frac_2to4"] for r in recorder.logs if "loss" in r] == [
+        h["proxsparse/frac_2to4"] for h in train_logs
+    ]
+    tags = set()
+    for path in glob.glob(str(tmp_path / "trainer" / "**" / "events.out.tfevents.*"), recursive=True):
+        acc = EventAccumulator(path)
+        acc.Reload()
+        tags |= set(acc.Tags()["scalars"])
+    assert "train/loss" in tags
+    assert {f"train/{k}" for k in keys[:1] + keys[2:]} <= tags
+
+
+def test_resume_gives_bit_identical_masks(tmp_path):
+    config = ProxSparseConfig(lambda1=2.0, lambda_scaling="weight_scale")
+    _, full = _train(tiny_model("llama"), tmp_path / "a", config, save_strategy="steps", save_steps=3)
+    checkpoint = tmp_path / "a" / "trainer" / "checkpoint-3"
+    assert (checkpoint / SNAPSHOT_NAME).is_file()
+    model = tiny_model("llama")
+    _, resumed = _train(model, tmp_path / "a", config, resume=str(checkpoint), save_strategy="steps", save_steps=3)
+    assert full.masks.keys() == resumed.masks.keys()
+    assert all(torch.equal(full.masks[k], resumed.masks[k]) for k in full.masks)
+    reference = tiny_model("llama").state_dict()  # resumed run still applies the masks to the ORIGINAL weights
+    _check_pruned(model, reference, resumed)
+
+
+def test_resume_without_snapshot_is_a_clear_error(tmp_path):
+    config = ProxSparseConfig(lambda1=1.0)
+    _train(tiny_model("llama"), tmp_path, config, save_strategy="steps", save_steps=3)
+    checkpoint = tmp_path / "trainer" / "checkpoint-3"
+    os.remove(checkpoint / SNAPSHOT_NAME)
+    with pytest.raises(FileNotFoundError, match="original-weight snapshot"):
+        _train(tiny_model("llama"), tmp_path, config, resume=str(checkpoint))
+
+
+def test_grad_accumulation_lambda2_and_prox_every(tmp_path):
+    model = tiny_model("qwen2")
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    config = ProxSparseConfig(lambda1=1.0, lambda2=1.0, epsilon=0.1, prox_every_n_steps=2, lambda_schedule="ramp")
+    _, cb = _train(model, tmp_path, config, gradient_accumulation_steps=2)
+    _check_pruned(model, original, cb)
+
+
+def test_gradient_checkpointing_with_frozen_embeddings(tmp_path):
+    model = tiny_model("llama")
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer, cb = _train(model, tmp_path, ProxSparseConfig(lambda1=1.0), gradient_checkpointing=True)
+    _check_pruned(model, original, cb)
+    assert [h for h in trainer.state.log_history if "loss" in h][-1]["proxsparse/dist_to_original"] > 0
+
+
+def test_bf16_weights(tmp_path):
+    model = tiny_model("mistral").to(torch.bfloat16)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    _, cb = _train(model, tmp_path, ProxSparseConfig(lambda1=1.0, snapshot_device="same"))
+    _check_pruned(model, original, cb)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+
+
+def test_train_non_target_params_are_restored(tmp_path):
+    model = tiny_model("phi")
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    _, cb = _train(model, tmp_path, ProxSparseConfig(lambda1=1.0, train_non_target_params=True), learning_rate=5e-2)
+    _check_pruned(model, original, cb)
+
+
+def test_device_map_model(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    tiny_model("llama").save_pretrained(tmp_path / "m")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m", device_map={"": "cpu"})
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    _, cb = _train(model, tmp_path, ProxSparseConfig(lambda1=1.0))
+    _check_pruned(model, original, cb)
+    assert cb.config.base_model_name_or_path == str(tmp_path / "m")
+
+
+def test_frozen_targets_fail_early(tmp_path):
+    model = tiny_model("llama")
+    model.model.layers[0].self_attn.q_proj.weight.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"have frozen weights.*model.layers.0.self_attn.q_proj"):
+        _train(model, tmp_path, ProxSparseConfig())
+
+
+def test_no_targets_fail_at_trainer_construction(tmp_path):
+    with pytest.raises(ValueError, match="matched no nn.Linear/Conv1D module"):
+        Trainer(
+            model=tiny_model("llama"), args=_args(tmp_path), train_dataset=TokenWindows(random_windows(4, 8)),
+            callbacks=[ProxSparseCallback(ProxSparseConfig(target_modules=["nothing_here"]))],
+        )
+
+
+def test_callback_accepts_dict_and_rejects_other():
+    assert ProxSparseCallback({"lambda1": 3.0}).config.lambda1 == 3.0
+    with pytest.raises(TypeError, match="must be a ProxSparseConfig or a dict"):
+        ProxSparseCallback(3.0)
+
+
+def test_learner_in_a_custom_loop_and_lambda2_gradient():
+    model = tiny_model("llama")
+    learner = MaskLearner(model, ProxSparseConfig(lambda1=0.5, lambda2=2.0, epsilon=0.1))
+    assert learner.freeze_non_targets() > 0
+    t = next(iter(learner.targets.values()))
+    with torch.no_grad():
+        t.weight.mul_(0.9)
+    w = t.weight.detach().clone().requires_grad_(True)
+    w0 = learner.original[t.param_name]
+    a = 1.0 / (w0 + 0.1 * torch.where(w0 >= 0, 1.0, -1.0))
+    (2.0 * ((w * (w - w0) * a) ** 2).sum()).backward()
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p) if p.requires_grad else None
+    learner.add_frozen_weight_grad()
+    torch.testing.assert_close(t.weight.grad, w.grad, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(frozen_weight_grad(w.detach(), w0, 0.1) * 2.0, w.grad, rtol=1e-5, atol=1e-8)
+    assert learner.prox_step(3, 10) is True
+    masks = learner.finalize()
+    assert all(is_2to4(model.state_dict()[k]) for k in masks)

@@ -1,0 +1,5 @@
+"""Trainer integrations of proxsparse-hf."""
+
+from .proxsparse import ProxSparseCallback
+
+__all__ = ["ProxSparseCallback"]
