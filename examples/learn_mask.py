@@ -19,6 +19,7 @@ from transformers import Trainer, TrainingArguments, default_data_collator
 
 from proxsparse_hf import ProxSparseConfig
 from proxsparse_hf.data import load_calibration_data
+from proxsparse_hf.learn import warmup_arguments
 from proxsparse_hf.modeling import load_model_and_tokenizer
 from proxsparse_hf.outputs import save_pruned_output
 from trainer_callbacks import ProxSparseCallback
@@ -63,7 +64,7 @@ def main() -> None:
             learning_rate=args.lr,
             num_train_epochs=1,
             per_device_train_batch_size=1,
-            warmup_ratio=0.1,
+            **warmup_arguments(0.1),
             lr_scheduler_type="linear",
             logging_steps=max(1, len(data) // 10),
             save_strategy="no",
@@ -89,7 +90,9 @@ def main() -> None:
         overwrite=True,
     )
     print(callback.report.to_markdown(max_rows=7))
-    print(json.dumps({"output_dir": args.output_dir, "wall_time_s": round(wall, 1), "steps": trainer.state.global_step}))
+    print(
+        json.dumps({"output_dir": args.output_dir, "wall_time_s": round(wall, 1), "steps": trainer.state.global_step})
+    )
 
 
 if __name__ == "__main__":

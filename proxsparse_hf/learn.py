@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -15,9 +14,22 @@ from torch import nn
 from .config import ProxSparseConfig
 from .report import SparsityReport
 
-__all__ = ["LearnResult", "learn_mask"]
+__all__ = ["LearnResult", "learn_mask", "warmup_arguments"]
 
 logger = logging.getLogger(__name__)
+
+
+def warmup_arguments(ratio: float) -> dict[str, float]:
+    """``TrainingArguments`` keyword for a warm-up *ratio*: ``warmup_ratio`` where it exists (transformers 4.x), else a
+    fractional ``warmup_steps`` (transformers 5 reads a value in [0, 1) as a ratio)."""
+    from dataclasses import fields as dataclass_fields
+
+    from transformers import TrainingArguments
+
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"`warmup_ratio`={ratio!r} is invalid; allowed: a number in [0, 1).")
+    names = {f.name for f in dataclass_fields(TrainingArguments)}
+    return {"warmup_ratio": ratio} if "warmup_ratio" in names else {"warmup_steps": ratio}
 
 
 @dataclass
@@ -66,12 +78,16 @@ def learn_mask(
     gradient_checkpointing: bool = False,
     report_to: list[str] | None = None,
     callbacks: list | None = None,
+    distill_alpha: float = 0.0,
+    distill_temperature: float = 1.0,
     **training_kwargs: Any,
 ) -> LearnResult:
     """Learn a 2:4 mask for ``model`` on ``train_dataset`` (items with ``input_ids``/``labels``) with ProxSparse.
 
     Builds a standard ``transformers.Trainer`` (AdamW, linear schedule with warm-up) with a
     :class:`trainer_callbacks.ProxSparseCallback`; at the end ``model`` holds ``original ⊙ mask``.
+    With ``distill_alpha > 0`` the loss is ``alpha · KD + (1 − alpha) · LM`` against a frozen copy of the dense model
+    (:class:`~proxsparse_hf.distill.DistillationTrainer`; costs one more model in memory and one more forward per step).
     Extra keyword arguments go to ``TrainingArguments``.
     """
     from transformers import Trainer, TrainingArguments, default_data_collator
@@ -82,6 +98,14 @@ def learn_mask(
         raise ValueError(f"`learning_rate`={learning_rate!r} must be > 0.")
     if len(train_dataset) == 0:
         raise ValueError("`train_dataset` is empty.")
+    if not 0.0 <= distill_alpha <= 1.0:
+        raise ValueError(f"`distill_alpha`={distill_alpha!r} is invalid; allowed: a number in [0, 1].")
+    trainer_cls, extra = Trainer, {}
+    if distill_alpha > 0:
+        from .distill import DistillationTrainer, frozen_teacher
+
+        trainer_cls = DistillationTrainer
+        extra = {"teacher": frozen_teacher(model), "alpha": distill_alpha, "temperature": distill_temperature}
     callback = ProxSparseCallback(config)
     with tempfile.TemporaryDirectory(prefix="proxsparse-trainer-") as tmp:
         args = TrainingArguments(
@@ -91,7 +115,7 @@ def learn_mask(
             max_steps=max_steps,
             per_device_train_batch_size=per_device_train_batch_size,
             gradient_accumulation_steps=gradient_accumulation_steps,
-            warmup_ratio=warmup_ratio,
+            **warmup_arguments(warmup_ratio),
             weight_decay=weight_decay,
             lr_scheduler_type="linear",
             seed=seed,
@@ -104,12 +128,13 @@ def learn_mask(
             remove_unused_columns=False,
             **training_kwargs,
         )
-        trainer = Trainer(
+        trainer = trainer_cls(
             model=model,
             args=args,
             train_dataset=train_dataset,
             data_collator=default_data_collator,
             callbacks=[callback, *(callbacks or [])],
+            **extra,
         )
         start = time.perf_counter()
         trainer.train()
@@ -133,14 +158,11 @@ def learn_mask(
             "seed": seed,
             "bf16": bf16,
             "gradient_checkpointing": gradient_checkpointing,
+            "distill_alpha": distill_alpha,
+            "distill_temperature": distill_temperature,
         },
         wall_time_s=wall,
         prox_seconds=callback.prox_seconds,
         steps=steps,
         tokens=tokens,
     )
-
-
-def default_output_name(model_name: str) -> str:
-    """A folder name for ``model_name``'s pruned output."""
-    return os.path.basename(os.path.normpath(model_name)).replace(".gguf", "") + "-proxsparse-2of4"

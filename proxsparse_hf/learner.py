@@ -135,7 +135,9 @@ class MaskLearner:
         for t in self.targets.values():
             layer_lam = lam * self.layer_scale[t.param_name]
             view = t.grouped(t.weight.data)
-            kwargs = dict(max_iter=self.config.solver_max_iter, tol=self.config.solver_tol, backend=self.config.solver_backend)
+            kwargs = dict(
+                max_iter=self.config.solver_max_iter, tol=self.config.solver_tol, backend=self.config.solver_backend
+            )
             if view.is_contiguous():
                 prox_2to4_(view, layer_lam, **kwargs)
             else:
@@ -162,7 +164,9 @@ class MaskLearner:
             groups += nonzero.numel()
             ok += int((nonzero <= 2).sum())
             reg += float(regularizer_2to4(view.contiguous()))
-            dist_sum += float((t.weight.detach().float() - self.original[t.param_name].to(t.weight.device).float()).abs().sum())
+            dist_sum += float(
+                (t.weight.detach().float() - self.original[t.param_name].to(t.weight.device).float()).abs().sum()
+            )
             numel += t.weight.numel()
             mask = mask_2to4(view.contiguous())
             if self._last_masks is not None:

@@ -10,6 +10,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, default_da
 
 from proxsparse_hf import ProxSparseConfig, is_2to4
 from proxsparse_hf.data import TokenWindows
+from proxsparse_hf.learn import warmup_arguments
 from proxsparse_hf.learner import SNAPSHOT_NAME, MaskLearner
 from proxsparse_hf.regularizers import frozen_weight_grad
 from trainer_callbacks import ProxSparseCallback
@@ -29,7 +30,7 @@ def _args(tmp_path, **kw):
         learning_rate=5e-3,
         max_steps=6,
         per_device_train_batch_size=2,
-        warmup_ratio=0.1,
+        **warmup_arguments(0.1),
         logging_steps=2,
         save_strategy="no",
         report_to=[],
@@ -47,7 +48,10 @@ def _train(model, tmp_path, config, callbacks=(), resume=None, **kw):
     data = TokenWindows(random_windows(16, 32))
     cb = ProxSparseCallback(config)
     trainer = Trainer(
-        model=model, args=_args(tmp_path, **kw), train_dataset=data, data_collator=default_data_collator,
+        model=model,
+        args=_args(tmp_path, **kw),
+        train_dataset=data,
+        data_collator=default_data_collator,
         callbacks=[cb, *callbacks],
     )
     trainer.train(resume_from_checkpoint=resume)
@@ -192,7 +196,9 @@ def test_frozen_targets_fail_early(tmp_path):
 def test_no_targets_fail_at_trainer_construction(tmp_path):
     with pytest.raises(ValueError, match="matched no nn.Linear/Conv1D module"):
         Trainer(
-            model=tiny_model("llama"), args=_args(tmp_path), train_dataset=TokenWindows(random_windows(4, 8)),
+            model=tiny_model("llama"),
+            args=_args(tmp_path),
+            train_dataset=TokenWindows(random_windows(4, 8)),
             callbacks=[ProxSparseCallback(ProxSparseConfig(target_modules=["nothing_here"]))],
         )
 

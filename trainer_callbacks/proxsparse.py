@@ -112,7 +112,10 @@ class ProxSparseCallback(TrainerCallback):
         self._non_target_original = self.learner.non_target_snapshot() if self.config.train_non_target_params else {}
         if not any(t.weight.requires_grad for t in self.learner.targets.values()):
             raise ValueError("ProxSparseCallback: no trainable target parameters.")
-        if getattr(model, "is_gradient_checkpointing", False) and hasattr(model, "enable_input_require_grads"):
+        checkpointing = getattr(model, "is_activation_checkpointing", None)
+        if checkpointing is None:  # transformers < 5.x name
+            checkpointing = getattr(model, "is_gradient_checkpointing", False)
+        if checkpointing and hasattr(model, "enable_input_require_grads"):
             embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
             if embeddings is not None and not embeddings.weight.requires_grad:
                 model.enable_input_require_grads()

