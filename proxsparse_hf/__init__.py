@@ -47,9 +47,9 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .config import ProxSparseConfig
-    from .masks import apply_2to4_masks, extract_2to4_masks, is_2to4, load_masks, mask_2to4, save_masks
-    from .prox import prox_2to4, prox_2to4_
-    from .regularizers import frozen_weight_grad, regularizer_2to4
-    from .report import SparsityReport, sparsity_report
-    from .targets import Target, find_targets
+    from .config import ProxSparseConfig  # noqa: F401
+    from .masks import apply_2to4_masks, extract_2to4_masks, is_2to4, load_masks, mask_2to4, save_masks  # noqa: F401
+    from .prox import prox_2to4, prox_2to4_  # noqa: F401
+    from .regularizers import frozen_weight_grad, regularizer_2to4  # noqa: F401
+    from .report import SparsityReport, sparsity_report  # noqa: F401
+    from .targets import Target, find_targets  # noqa: F401

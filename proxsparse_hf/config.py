@@ -61,8 +61,12 @@ class ProxSparseConfig:
         proxsparse_version: Version of proxsparse-hf that wrote the config.
     """
 
-    lambda1: float = field(default=0.5, metadata={"help": "Strength of the 2:4 regulariser used by the prox operator (> 0)."})
-    lambda2: float = field(default=0.0, metadata={"help": "Strength of the frozen-weight regulariser (>= 0, 0 = off)."})
+    lambda1: float = field(
+        default=0.5, metadata={"help": "Strength of the 2:4 regulariser used by the prox operator (> 0)."}
+    )
+    lambda2: float = field(
+        default=0.0, metadata={"help": "Strength of the frozen-weight regulariser (>= 0, 0 = off)."}
+    )
     epsilon: float = field(default=0.1, metadata={"help": "Epsilon of the frozen-weight regulariser (> 0)."})
     lambda_schedule: str = field(
         default="constant",
@@ -116,8 +120,10 @@ class ProxSparseConfig:
             raise bad("lambda_schedule", f"one of {LAMBDA_SCHEDULES}")
         if self.lambda_scaling not in LAMBDA_SCALINGS:
             raise bad("lambda_scaling", f"one of {LAMBDA_SCALINGS}")
-        if not isinstance(self.prox_every_n_steps, int) or isinstance(self.prox_every_n_steps, bool) or (
-            self.prox_every_n_steps < 1
+        if (
+            not isinstance(self.prox_every_n_steps, int)
+            or isinstance(self.prox_every_n_steps, bool)
+            or (self.prox_every_n_steps < 1)
         ):
             raise bad("prox_every_n_steps", "an integer >= 1")
         if isinstance(self.target_modules, tuple):
@@ -140,7 +146,11 @@ class ProxSparseConfig:
             )
         if self.solver_backend not in SOLVER_BACKENDS:
             raise bad("solver_backend", f"one of {SOLVER_BACKENDS}")
-        if not isinstance(self.solver_max_iter, int) or isinstance(self.solver_max_iter, bool) or self.solver_max_iter < 1:
+        if (
+            not isinstance(self.solver_max_iter, int)
+            or isinstance(self.solver_max_iter, bool)
+            or self.solver_max_iter < 1
+        ):
             raise bad("solver_max_iter", "an integer >= 1")
         if not is_number(self.solver_tol) or not self.solver_tol > 0:
             raise bad("solver_tol", "a number > 0")

@@ -80,7 +80,9 @@ def load_texts(
         try:
             ds = datasets.load_dataset(source, name, split=split)
         except Exception as exc:
-            raise ValueError(f"{source!r} is not a local file/directory and `datasets.load_dataset` failed: {exc}") from exc
+            raise ValueError(
+                f"{source!r} is not a local file/directory and `datasets.load_dataset` failed: {exc}"
+            ) from exc
         if text_field not in ds.column_names:
             raise ValueError(f"Dataset {source!r} has no `text_field`={text_field!r}; columns: {ds.column_names}.")
         end = len(ds) if stop is None else min(stop, len(ds))
@@ -130,7 +132,9 @@ class TokenWindows(Dataset):
 
     def __post_init__(self) -> None:
         if self.input_ids.dim() != 2 or self.input_ids.shape[0] == 0:
-            raise ValueError(f"`input_ids` must be a non-empty [N, seq_len] tensor, got {tuple(self.input_ids.shape)}.")
+            raise ValueError(
+                f"`input_ids` must be a non-empty [N, seq_len] tensor, got {tuple(self.input_ids.shape)}."
+            )
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]

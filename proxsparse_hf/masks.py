@@ -159,17 +159,23 @@ def apply_2to4_masks(
             raise KeyError(f"Mask for `{name}` has no matching parameter in {type(model).__name__}.")
         param = params[name]
         if tuple(mask.shape) != tuple(param.shape):
-            raise ValueError(f"Mask for `{name}` has shape {tuple(mask.shape)} but the weight is {tuple(param.shape)}.")
+            raise ValueError(
+                f"Mask for `{name}` has shape {tuple(mask.shape)} but the weight is {tuple(param.shape)}."
+            )
         if original is not None and name not in original:
             raise KeyError(f"`original` has no tensor for `{name}`.")
         source = param.detach() if original is None else original[name]
         with torch.no_grad():
             kept = source.to(device=param.device, dtype=param.dtype)
-            param.copy_(torch.where(mask.to(param.device), kept, torch.zeros((), dtype=param.dtype, device=param.device)))
+            param.copy_(
+                torch.where(mask.to(param.device), kept, torch.zeros((), dtype=param.dtype, device=param.device))
+            )
     return model
 
 
-def save_masks(masks: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+def save_masks(
+    masks: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
+) -> None:
     """Save masks as a safetensors file of ``bool`` tensors (written atomically)."""
     tensors = {name: mask.detach().to("cpu", torch.bool).contiguous() for name, mask in masks.items()}
     path = os.fspath(path)

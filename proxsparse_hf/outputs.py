@@ -33,11 +33,26 @@ from torch import nn
 
 from ._version import __version__
 from .config import ProxSparseConfig
-from .constants import CONFIG_NAME, EVAL_RESULTS_NAME, MASKS_NAME, METHODS, REPORT_NAME, RUN_INFO_NAME, TRAINING_LOG_NAME
+from .constants import (
+    CONFIG_NAME,
+    EVAL_RESULTS_NAME,
+    MASKS_NAME,
+    METHODS,
+    REPORT_NAME,
+    RUN_INFO_NAME,
+    TRAINING_LOG_NAME,
+)
 from .masks import load_masks, save_masks
 from .report import SparsityReport, sparsity_report
 
-__all__ = ["PrunedOutput", "describe_hardware", "library_versions", "load_output_dir", "save_pretrained_model", "save_pruned_output"]
+__all__ = [
+    "PrunedOutput",
+    "describe_hardware",
+    "library_versions",
+    "load_output_dir",
+    "save_pretrained_model",
+    "save_pruned_output",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +157,9 @@ def save_pruned_output(
     if os.path.isfile(output_dir):
         raise ValueError(f"`output_dir`={output_dir!r} is a file.")
     if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
-        raise FileExistsError(f"`output_dir`={output_dir!r} exists and is not empty; pass overwrite=True to replace it.")
+        raise FileExistsError(
+            f"`output_dir`={output_dir!r} exists and is not empty; pass overwrite=True to replace it."
+        )
     parent = os.path.dirname(output_dir)
     os.makedirs(parent, exist_ok=True)
     report = sparsity_report(model, config)

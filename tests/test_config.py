@@ -67,7 +67,9 @@ def test_dict_round_trip_and_unknown_keys():
 
 
 def test_save_and_load_local(tmp_path):
-    c = ProxSparseConfig(lambda1=0.25, exclude_modules=r".*down_proj", base_model_name_or_path="org/model", revision="abc")
+    c = ProxSparseConfig(
+        lambda1=0.25, exclude_modules=r".*down_proj", base_model_name_or_path="org/model", revision="abc"
+    )
     path = c.save_pretrained(tmp_path / "out")
     assert path == os.path.join(tmp_path / "out", CONFIG_NAME)
     assert sorted(os.listdir(tmp_path / "out")) == [CONFIG_NAME]  # atomic: no temp file left

@@ -6,7 +6,13 @@ from proxsparse_hf import ProxSparseConfig, find_targets
 from proxsparse_hf.targets import match_module_name
 
 EXPECTED = {  # targets per decoder block
-    "llama": 7, "mistral": 7, "qwen2": 7, "gpt_neox": 4, "opt": 6, "gpt2": 4, "phi": 6,
+    "llama": 7,
+    "mistral": 7,
+    "qwen2": 7,
+    "gpt_neox": 4,
+    "opt": 6,
+    "gpt2": 4,
+    "phi": 6,
 }
 
 
@@ -41,8 +47,10 @@ def test_list_regex_and_exclude():
     model = tiny_model("llama")
     names = list(find_targets(model, target_modules=["q_proj", "mlp.down_proj"]))
     assert names == [
-        "model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj",
-        "model.layers.1.self_attn.q_proj", "model.layers.1.mlp.down_proj",
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.0.mlp.down_proj",
+        "model.layers.1.self_attn.q_proj",
+        "model.layers.1.mlp.down_proj",
     ]
     names = list(find_targets(model, target_modules=r"model\.layers\.1\..*_proj"))
     assert len(names) == 7 and all(".layers.1." in n for n in names)
@@ -72,6 +80,8 @@ def test_no_match_error_names_the_pattern():
 def test_non_divisible_input_dim_names_module_and_shape():
     model = tiny_model("llama")
     model.model.layers[0].mlp.down_proj = torch.nn.Linear(126, 64)
-    with pytest.raises(ValueError, match=r"`model.layers.0.mlp.down_proj` has weight shape \(64, 126\).*not divisible by 4"):
+    with pytest.raises(
+        ValueError, match=r"`model.layers.0.mlp.down_proj` has weight shape \(64, 126\).*not divisible by 4"
+    ):
         find_targets(model)
     assert len(find_targets(model, ProxSparseConfig(exclude_modules=["down_proj"]))) == 12

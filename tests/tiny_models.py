@@ -14,21 +14,38 @@ def tiny_config(family: str, hidden: int = 64, layers: int = 2, vocab: int = 128
     common = dict(vocab_size=vocab, num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=4)
     if family in ("llama", "mistral", "qwen2"):
         cls = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config}[family]
-        return cls(**common, intermediate_size=2 * hidden, num_key_value_heads=2, max_position_embeddings=256,
-                   tie_word_embeddings=False)
+        return cls(
+            **common,
+            intermediate_size=2 * hidden,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            tie_word_embeddings=False,
+        )
     if family == "gpt_neox":
-        return tf.GPTNeoXConfig(**common, intermediate_size=2 * hidden, max_position_embeddings=256,
-                                bos_token_id=0, eos_token_id=0)
+        return tf.GPTNeoXConfig(
+            **common, intermediate_size=2 * hidden, max_position_embeddings=256, bos_token_id=0, eos_token_id=0
+        )
     if family == "opt":
-        return tf.OPTConfig(vocab_size=vocab, num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=4,
-                            ffn_dim=2 * hidden, word_embed_proj_dim=hidden, max_position_embeddings=256,
-                            bos_token_id=0, eos_token_id=0, pad_token_id=1)
+        return tf.OPTConfig(
+            vocab_size=vocab,
+            num_hidden_layers=layers,
+            hidden_size=hidden,
+            num_attention_heads=4,
+            ffn_dim=2 * hidden,
+            word_embed_proj_dim=hidden,
+            max_position_embeddings=256,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=1,
+        )
     if family == "gpt2":
-        return tf.GPT2Config(vocab_size=vocab, n_layer=layers, n_embd=hidden, n_head=4, n_positions=256,
-                             bos_token_id=0, eos_token_id=0)
+        return tf.GPT2Config(
+            vocab_size=vocab, n_layer=layers, n_embd=hidden, n_head=4, n_positions=256, bos_token_id=0, eos_token_id=0
+        )
     if family == "phi":
-        return tf.PhiConfig(**common, intermediate_size=2 * hidden, max_position_embeddings=256,
-                            bos_token_id=0, eos_token_id=0)
+        return tf.PhiConfig(
+            **common, intermediate_size=2 * hidden, max_position_embeddings=256, bos_token_id=0, eos_token_id=0
+        )
     raise ValueError(f"unknown family {family!r}")
 
 
