@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -27,8 +28,9 @@ sys.path.insert(0, REPO)
 
 from proxsparse_hf import ProxSparseConfig, sparsity_report  # noqa: E402
 from proxsparse_hf.baselines import prune  # noqa: E402
-from proxsparse_hf.data import load_calibration_data  # noqa: E402
-from proxsparse_hf.evaluation import perplexity  # noqa: E402
+from proxsparse_hf.data import load_calibration_data, load_texts, tokenize_windows  # noqa: E402
+from proxsparse_hf.evaluation import resolve_dataset  # noqa: E402
+from proxsparse_hf.evaluation.perplexity import window_nll  # noqa: E402
 from proxsparse_hf.learn import learn_mask  # noqa: E402
 from proxsparse_hf.modeling import load_model_and_tokenizer  # noqa: E402
 from proxsparse_hf.outputs import describe_hardware, library_versions  # noqa: E402
@@ -66,23 +68,27 @@ def _resolve(path: str) -> str:
     return path if os.path.isabs(path) or os.path.exists(path) else os.path.join(REPO, path)
 
 
-def _evaluate(model, tokenizer, spec: dict[str, Any], max_windows: int | None) -> dict[str, Any]:
-    out = {}
+def eval_windows(tokenizer, spec: dict[str, Any], max_windows: int | None) -> dict[str, torch.Tensor]:
+    """Tokenize every evaluation dataset once (same windows for every run)."""
+    windows = {}
     for name in spec["datasets"]:
-        res = perplexity(
-            model,
-            tokenizer,
-            name,
-            seq_len=spec["seq_len"],
-            batch_size=spec.get("batch_size", 1),
-            max_windows=max_windows if max_windows is not None else spec.get("max_windows"),
-            show_progress=False,
-        )
-        out[name] = {k: res[k] for k in ("ppl", "num_tokens", "num_windows", "seq_len")}
+        ds = resolve_dataset(name)
+        texts = load_texts(ds.source, split=ds.split, name=ds.subset, start=ds.start, stop=ds.stop)
+        ids = tokenize_windows(texts, tokenizer, spec["seq_len"])
+        limit = max_windows if max_windows is not None else spec.get("max_windows")
+        windows[name] = ids[:limit] if limit else ids
+    return windows
+
+
+def _evaluate(model, windows: dict[str, torch.Tensor], spec: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for name, ids in windows.items():
+        nll = float(window_nll(model, ids, batch_size=spec.get("batch_size", 1)).sum()) / (ids.numel() - ids.shape[0])
+        out[name] = {"ppl": math.exp(nll), "nll": nll, "num_windows": int(ids.shape[0]), "seq_len": int(ids.shape[1])}
     return out
 
 
-def run_one(model, tokenizer, dense_state, calib, exp, run, args) -> dict[str, Any]:
+def run_one(model, windows, dense_state, calib, exp, run, args) -> dict[str, Any]:
     model.load_state_dict(dense_state)
     for param in model.parameters():
         param.requires_grad_(True)
@@ -111,7 +117,7 @@ def run_one(model, tokenizer, dense_state, calib, exp, run, args) -> dict[str, A
     wall = time.perf_counter() - start
     model.eval()
     with torch.no_grad():
-        ppl = _evaluate(model, tokenizer, exp["evaluation"], args.max_windows)
+        ppl = _evaluate(model, windows, exp["evaluation"])
     report = sparsity_report(model, config)
     return {
         "name": run["name"],
@@ -174,6 +180,7 @@ def main() -> None:
         start=cal.get("start", 0),
         stop=cal.get("stop"),
     )
+    windows = eval_windows(tokenizer, exp["evaluation"], args.max_windows)
     wanted = None if args.runs is None else set(args.runs.split(","))
     results = []
     if os.path.isfile(args.output):
@@ -183,7 +190,7 @@ def main() -> None:
     for run in exp["runs"]:
         if wanted is not None and run["name"] not in wanted:
             continue
-        record = run_one(model, tokenizer, dense_state, calib, exp, run, args)
+        record = run_one(model, windows, dense_state, calib, exp, run, args)
         print(json.dumps({k: record[k] for k in ("name", "method", "perplexity", "wall_time_s")}), flush=True)
         results = [r for r in results if r["name"] != record["name"]] + [record]
         payload = {

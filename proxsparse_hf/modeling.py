@@ -61,6 +61,20 @@ def load_model_and_tokenizer(
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
+    if gguf_file is not None:
+        _drop_gguf_quantizer(model)
     if device is not None:
         model.to(device)
     return model, tokenizer
+
+
+def _drop_gguf_quantizer(model) -> None:
+    """transformers de-quantises GGUF weights to ordinary float tensors but keeps a GGUF "quantizer" on the model, which
+    makes ``Trainer`` refuse to train it and ``save_pretrained`` refuse to save it. The weights are plain tensors, so the
+    marker is removed; the model then trains and saves like any float model."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and type(quantizer).__name__ == "GgufHfQuantizer":
+        quantizer.remove_quantization_config(model)
+        for module in model.modules():
+            if getattr(getattr(module, "config", None), "_is_quantized", False):
+                module.config._is_quantized = False
