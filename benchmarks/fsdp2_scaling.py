@@ -116,7 +116,10 @@ def run(args) -> None:
     }
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
-        save_file({k: v.cpu().contiguous() for k, v in masks.items()}, os.path.join(args.out, "masks.safetensors"))
+        masks_dir = args.masks_dir or args.out
+        os.makedirs(masks_dir, exist_ok=True)
+        save_file({k: v.cpu().contiguous() for k, v in masks.items()}, os.path.join(masks_dir, "masks.safetensors"))
+        result["masks_dir"] = masks_dir
         with open(os.path.join(args.out, "result.json"), "w") as fh:
             json.dump(result, fh, indent=1)
         print(json.dumps(result), flush=True)
@@ -127,7 +130,8 @@ def run(args) -> None:
 def compare(a: str, b: str) -> None:
     from safetensors.torch import load_file
 
-    ma, mb = load_file(os.path.join(a, "masks.safetensors")), load_file(os.path.join(b, "masks.safetensors"))
+    ra, rb = (json.load(open(os.path.join(d, "result.json"))) for d in (a, b))
+    ma, mb = (load_file(os.path.join(r.get("masks_dir", d), "masks.safetensors")) for r, d in ((ra, a), (rb, b)))
     if ma.keys() != mb.keys():
         raise SystemExit(f"mask names differ: {sorted(set(ma) ^ set(mb))[:5]}")
     same = total = 0
@@ -135,7 +139,6 @@ def compare(a: str, b: str) -> None:
         ga, gb = ma[key].reshape(-1, 4), mb[key].reshape(-1, 4)
         same += int((ga == gb).all(dim=1).sum())
         total += ga.shape[0]
-    ra, rb = (json.load(open(os.path.join(d, "result.json"))) for d in (a, b))
     print(
         json.dumps(
             {
@@ -160,6 +163,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--lambda1", type=float, default=0.1)
     parser.add_argument("--out", default="runs/fsdp2")
+    parser.add_argument("--masks-dir", default=None, help="where masks.safetensors goes (default: --out)")
     parser.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"))
     args = parser.parse_args()
     if args.compare:

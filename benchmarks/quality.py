@@ -95,7 +95,10 @@ def run_one(model, windows, dense_state, calib, exp, run, args) -> dict[str, Any
     method = run["method"]
     start = time.perf_counter()
     telemetry: list[dict[str, Any]] = []
-    config = ProxSparseConfig(**run.get("config", {}))
+    config_kwargs = dict(run.get("config", {}))
+    if args.solver_backend and method == "proxsparse":
+        config_kwargs["solver_backend"] = args.solver_backend
+    config = ProxSparseConfig(**config_kwargs)
     if method == "proxsparse":
         training = {k: v for k, v in run.get("training", {}).items() if k in TRAINING_KEYS}
         if args.max_steps is not None:
@@ -158,6 +161,7 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=None, help="cap ProxSparse steps (smoke tests)")
     parser.add_argument("--max-windows", type=int, default=None, help="cap evaluation windows (smoke tests)")
     parser.add_argument("--n-samples", type=int, default=None, help="override calibration windows (smoke tests)")
+    parser.add_argument("--solver-backend", default=None, choices=["auto", "torch", "triton"])
     parser.add_argument("--model", default=None, help="override the experiment's model (path or Hub id)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()

@@ -28,6 +28,28 @@ _LAZY: dict[str, str] = {
     "load_masks": "masks",
     "sparsity_report": "report",
     "SparsityReport": "report",
+    "MaskLearner": "learner",
+    "prune": "baselines",
+    "EvalResults": "evaluation",
+    "evaluate_model": "evaluation",
+    "perplexity": "evaluation",
+    "zeroshot_eval": "evaluation",
+    "learn_mask": "learn",
+    "load_calibration_data": "data",
+    "save_pruned_output": "outputs",
+    "load_output_dir": "outputs",
+    "save_dense": "export",
+    "save_compact": "export",
+    "save_mask_adapter": "export",
+    "load_pruned": "export",
+    "apply_proxsparse": "export",
+    "push_pruned_to_hub": "hub",
+    "build_model_card": "card",
+    "to_sparse_kernels": "inference",
+    "to_dense_kernels": "inference",
+    "SparseLinear2to4": "inference",
+    "sparse_weight_memory": "inference",
+    "SparseWeightMemory": "inference",
 }
 
 __all__ = ["__version__", *_LAZY]
@@ -47,8 +69,24 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .baselines import prune  # noqa: F401
+    from .card import build_model_card  # noqa: F401
     from .config import ProxSparseConfig  # noqa: F401
+    from .data import load_calibration_data  # noqa: F401
+    from .evaluation import EvalResults, evaluate_model, perplexity, zeroshot_eval  # noqa: F401
+    from .export import apply_proxsparse, load_pruned, save_compact, save_dense, save_mask_adapter  # noqa: F401
+    from .hub import push_pruned_to_hub  # noqa: F401
+    from .inference import (  # noqa: F401
+        SparseLinear2to4,
+        SparseWeightMemory,
+        sparse_weight_memory,
+        to_dense_kernels,
+        to_sparse_kernels,
+    )
+    from .learn import learn_mask  # noqa: F401
+    from .learner import MaskLearner  # noqa: F401
     from .masks import apply_2to4_masks, extract_2to4_masks, is_2to4, load_masks, mask_2to4, save_masks  # noqa: F401
+    from .outputs import load_output_dir, save_pruned_output  # noqa: F401
     from .prox import prox_2to4, prox_2to4_  # noqa: F401
     from .regularizers import frozen_weight_grad, regularizer_2to4  # noqa: F401
     from .report import SparsityReport, sparsity_report  # noqa: F401

@@ -45,7 +45,9 @@ class LearnResult:
         wall_time_s: seconds spent in ``trainer.train()``.
         prox_seconds: seconds spent in prox steps.
         steps: optimizer steps taken.
-        tokens: training tokens seen.
+        tokens: training tokens seen (all processes together).
+        pruned_model: with sharded training (FSDP), a plain (unsharded) copy of the pruned model on the main process
+            (None on the other ranks); None when the model was not sharded — then ``model`` itself is the pruned model.
     """
 
     masks: dict[str, torch.Tensor]
@@ -57,6 +59,7 @@ class LearnResult:
     prox_seconds: float = 0.0
     steps: int = 0
     tokens: int = 0
+    pruned_model: nn.Module | None = None
 
 
 def learn_mask(
@@ -80,6 +83,8 @@ def learn_mask(
     callbacks: list | None = None,
     distill_alpha: float = 0.0,
     distill_temperature: float = 1.0,
+    fsdp: bool | str | None = None,
+    fsdp_config: dict[str, Any] | str | None = None,
     **training_kwargs: Any,
 ) -> LearnResult:
     """Learn a 2:4 mask for ``model`` on ``train_dataset`` (items with ``input_ids``/``labels``) with ProxSparse.
@@ -89,6 +94,11 @@ def learn_mask(
     With ``distill_alpha > 0`` the loss is ``alpha · KD + (1 − alpha) · LM`` against a frozen copy of the dense model
     (:class:`~proxsparse_hf.distill.DistillationTrainer`; costs one more model in memory and one more forward per step).
     Extra keyword arguments go to ``TrainingArguments``.
+
+    Multi-GPU: launch the calling script with ``accelerate launch`` (DDP, or FSDP from the accelerate config, e.g.
+    ``examples/accelerate_fsdp2.yaml``) or ``torchrun``; ``fsdp`` / ``fsdp_config`` are passed to ``TrainingArguments``
+    (e.g. ``fsdp=True, fsdp_config={"version": 2}``). With sharded weights the pruned model is gathered into
+    ``LearnResult.pruned_model`` on the main process.
     """
     from transformers import Trainer, TrainingArguments, default_data_collator
 
@@ -126,6 +136,7 @@ def learn_mask(
             gradient_checkpointing=gradient_checkpointing,
             report_to=report_to or [],
             remove_unused_columns=False,
+            **({"fsdp": fsdp, "fsdp_config": fsdp_config} if fsdp else {}),
             **training_kwargs,
         )
         trainer = trainer_cls(
@@ -139,9 +150,16 @@ def learn_mask(
         start = time.perf_counter()
         trainer.train()
         wall = time.perf_counter() - start
+        if fsdp and not getattr(trainer, "is_fsdp_enabled", False):
+            logger.warning(
+                "`fsdp` was requested but accelerate did not enable FSDP (it needs GPUs and a multi-process "
+                "launch); the model was trained unsharded."
+            )
+        sharded = callback.learner is not None and callback.learner.sharded
+        pruned_model = _gather_pruned_model(trainer, model) if sharded else None
     seq_len = int(train_dataset[0]["input_ids"].numel())
     steps = trainer.state.global_step
-    tokens = steps * per_device_train_batch_size * gradient_accumulation_steps * seq_len
+    tokens = steps * per_device_train_batch_size * gradient_accumulation_steps * seq_len * args.world_size
     return LearnResult(
         masks=callback.masks,
         report=callback.report,
@@ -160,9 +178,45 @@ def learn_mask(
             "gradient_checkpointing": gradient_checkpointing,
             "distill_alpha": distill_alpha,
             "distill_temperature": distill_temperature,
+            "world_size": args.world_size,
+            **({"fsdp": fsdp, "fsdp_config": fsdp_config} if fsdp else {}),
         },
         wall_time_s=wall,
         prox_seconds=callback.prox_seconds,
         steps=steps,
         tokens=tokens,
+        pruned_model=pruned_model,
     )
+
+
+def _gather_pruned_model(trainer, model: nn.Module) -> nn.Module | None:
+    """A plain copy of a sharded (FSDP) pruned model, built on the main process from the gathered full state dict
+    (a collective: every rank calls it; the other ranks get None)."""
+    from transformers import AutoModelForCausalLM
+
+    from .distributed import clean_name
+
+    state_dict = trainer.accelerator.get_state_dict(trainer.model)
+    if not trainer.is_world_process_zero():
+        return None
+    config = model.config.__class__.from_dict(model.config.to_dict())
+    for attr in ("gguf_file", "quantization_config"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    with torch.device("meta"):
+        fresh = AutoModelForCausalLM.from_config(config, dtype=next(iter(state_dict.values())).dtype)
+    _, unexpected = fresh.load_state_dict(state_dict, strict=False, assign=True)
+    fresh.tie_weights()
+    # buffers outside the state dict (e.g. rotary inv_freq) are not sharded by FSDP: copy them from the trained model
+    buffers = {clean_name(name): buf for name, buf in trainer.model.named_buffers()}
+    for name, buf in list(fresh.named_buffers()):
+        if buf.device.type == "meta" and name in buffers:
+            module_name, _, leaf = name.rpartition(".")
+            fresh.get_submodule(module_name)._buffers[leaf] = buffers[name].detach().to("cpu", copy=True)
+    still_meta = [n for n, t in [*fresh.named_parameters(), *fresh.named_buffers()] if t.device.type == "meta"]
+    if still_meta or unexpected:
+        raise RuntimeError(
+            f"Gathering the sharded pruned model failed: {len(still_meta)} parameters missing (e.g. {still_meta[:2]}), "
+            f"unexpected keys {unexpected[:2]}."
+        )
+    return fresh.eval()

@@ -25,10 +25,18 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import ProxSparseConfig
+from .distributed import (
+    TargetShard,
+    all_reduce_sums,
+    find_distributed_targets,
+    is_sharded,
+    local_tensor,
+    shard_targets,
+)
 from .masks import apply_2to4_masks, count_mask_flips, mask_2to4
 from .prox import prox_2to4, prox_2to4_
 from .regularizers import frozen_weight_grad, regularizer_2to4
-from .targets import Target, find_targets
+from .targets import Target
 
 __all__ = ["SNAPSHOT_NAME", "MaskLearner"]
 
@@ -45,6 +53,11 @@ class MaskLearner:
         config: the recipe.
         original: original target weights ``{weight_name: tensor}`` (e.g. restored from a checkpoint); snapshotted from the
             model when None.
+
+    Distributed training (DDP, FSDP2 ``DTensor``, FSDP1 ``use_orig_params=True``, ``device_map``): ``self.shards``
+    describes what this rank holds of each target (see :mod:`proxsparse_hf.distributed`); the snapshot, the prox and
+    the final mask application work on the local shards only. With sharded weights, :meth:`statistics`,
+    :meth:`finalize`, :meth:`save_snapshot` and the constructor are collectives (every rank calls them).
     """
 
     def __init__(
@@ -52,31 +65,50 @@ class MaskLearner:
     ) -> None:
         self.model = model
         self.config = config
-        self.targets: dict[str, Target] = find_targets(model, config)
+        self.targets: dict[str, Target] = find_distributed_targets(model, config)
         frozen = [t.name for t in self.targets.values() if not t.weight.requires_grad]
         if frozen:
             raise ValueError(
                 f"{len(frozen)} target module(s) have frozen weights (requires_grad=False), e.g. `{frozen[0]}`; ProxSparse "
                 f"learns the mask through the targets' gradients. Unfreeze them or exclude them with `exclude_modules`."
             )
+        # What this rank holds of each target; snapshots, masks and layer_scale are keyed by `shard.name` (the
+        # state_dict name; equal to `Target.param_name` unless an FSDP1 wrapper inserted name parts).
+        self.shards: dict[str, TargetShard] = shard_targets(self.targets, model)
+        self.sharded = is_sharded(self.shards)
         device = None if config.snapshot_device == "same" else torch.device("cpu")
         if original is None:
-            original = {t.param_name: t.weight.detach() for t in self.targets.values()}
-        missing = [t.param_name for t in self.targets.values() if t.param_name not in original]
-        if missing:
-            raise KeyError(f"The original-weight snapshot has no tensor for {missing[:3]} ({len(missing)} missing).")
+            original = {s.name: s.local(s.target.weight.detach()) for s in self.shards.values()}
+        else:  # full tensors (e.g. from a checkpoint): keep this rank's part only
+            missing = [s.name for s in self.shards.values() if s.name not in original]
+            if missing:
+                raise KeyError(
+                    f"The original-weight snapshot has no tensor for {missing[:3]} ({len(missing)} missing)."
+                )
+            original = {s.name: s.shard(original[s.name]) for s in self.shards.values()}
         self.original: dict[str, torch.Tensor] = {
-            t.param_name: original[t.param_name].detach().to(device or t.weight.device, copy=True)
-            for t in self.targets.values()
+            s.name: original[s.name].detach().to(device or s.local(s.target.weight).device, copy=True)
+            for s in self.shards.values()
         }
         # Per-layer prox strength multiplier: 1/RMS(W0) for lambda_scaling="weight_scale" (see ProxSparseConfig).
         self.layer_scale: dict[str, float] = {}
-        for t in self.targets.values():
+        if config.lambda_scaling == "weight_scale" and self.sharded:  # RMS of the full weight from per-rank sums
+            sums: list[float] = []
+            for s in self.shards.values():
+                local = self.original[s.name].float()
+                sums += [float(local.pow(2).sum()) / s.replication, local.numel() / s.replication]
+            sums = all_reduce_sums(sums)
+            for i, s in enumerate(self.shards.values()):
+                rms = math.sqrt(sums[2 * i] / sums[2 * i + 1]) if sums[2 * i + 1] else 0.0
+                self.layer_scale[s.name] = 1.0 / rms if rms > 0 else 1.0
+        for s in self.shards.values():
+            if s.name in self.layer_scale:
+                continue
             if config.lambda_scaling == "weight_scale":
-                rms = float(self.original[t.param_name].float().pow(2).mean().sqrt())
-                self.layer_scale[t.param_name] = 1.0 / rms if rms > 0 else 1.0
+                rms = float(self.original[s.name].float().pow(2).mean().sqrt())
+                self.layer_scale[s.name] = 1.0 / rms if rms > 0 else 1.0
             else:
-                self.layer_scale[t.param_name] = 1.0
+                self.layer_scale[s.name] = 1.0
         self._last_masks: dict[str, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ parameters
@@ -94,7 +126,7 @@ class MaskLearner:
         """CPU copies of the trainable non-target parameters (restored by :meth:`finalize`)."""
         target_names = {t.param_name for t in self.targets.values()}
         return {
-            name: p.detach().to("cpu", copy=True)
+            name: local_tensor(p).detach().to("cpu", copy=True)
             for name, p in self.model.named_parameters()
             if name not in target_names and p.requires_grad
         }
@@ -116,13 +148,14 @@ class MaskLearner:
         """Add ``λ2 · ∂/∂W Σ(W ⊙ (W − W0)/(W0 + ε·sign W0))²`` to every target's gradient (no-op when ``lambda2 == 0``)."""
         if self.config.lambda2 == 0:
             return
-        for t in self.targets.values():
-            weight = t.weight
+        for s in self.shards.values():
+            weight = s.target.weight
             if weight.grad is None:
                 continue
-            original = self.original[t.param_name].to(weight.device, non_blocking=True)
-            grad = frozen_weight_grad(weight.detach(), original, self.config.epsilon)
-            weight.grad.add_(grad.to(weight.grad.dtype), alpha=self.config.lambda2)
+            local, local_grad = s.local(weight.detach()), s.local(weight.grad)
+            original = self.original[s.name].to(local.device, non_blocking=True)
+            grad = frozen_weight_grad(local, original, self.config.epsilon)
+            local_grad.add_(grad.to(local_grad.dtype), alpha=self.config.lambda2)
 
     @torch.no_grad()
     def prox_step(self, step: int, max_steps: int, lr: float | None = None) -> bool:
@@ -132,9 +165,11 @@ class MaskLearner:
         lam = self.lambda_at(step, max_steps, lr)
         if lam <= 0:
             return False
-        for t in self.targets.values():
-            layer_lam = lam * self.layer_scale[t.param_name]
-            view = t.grouped(t.weight.data)
+        for s in self.shards.values():
+            layer_lam = lam * self.layer_scale[s.name]
+            view = s.grouped(s.local(s.target.weight.data))  # this rank's shard only
+            if view.numel() == 0:
+                continue
             kwargs = dict(
                 max_iter=self.config.solver_max_iter, tol=self.config.solver_tol, backend=self.config.solver_backend
             )
@@ -158,20 +193,24 @@ class MaskLearner:
         dist_sum = 0.0
         numel = 0
         masks: dict[str, torch.Tensor] = {}
-        for t in self.targets.values():
-            view = t.grouped(t.weight.detach())
+        for s in self.shards.values():
+            weight = s.local(s.target.weight.detach())
+            view = s.grouped(weight)
+            # a sharded weight's counts are summed over ranks below; replicated copies count once in total
+            scale = 1.0 / s.replication if self.sharded else 1
             nonzero = (view.reshape(-1, 4) != 0).sum(dim=1)
-            groups += nonzero.numel()
-            ok += int((nonzero <= 2).sum())
-            reg += float(regularizer_2to4(view.contiguous()))
-            dist_sum += float(
-                (t.weight.detach().float() - self.original[t.param_name].to(t.weight.device).float()).abs().sum()
-            )
-            numel += t.weight.numel()
+            groups += scale * nonzero.numel()
+            ok += scale * int((nonzero <= 2).sum())
+            reg += scale * float(regularizer_2to4(view.contiguous()))
+            dist_sum += scale * float((weight.float() - self.original[s.name].to(weight.device).float()).abs().sum())
+            numel += scale * weight.numel()
             mask = mask_2to4(view.contiguous())
             if self._last_masks is not None:
-                flips += count_mask_flips(self._last_masks[t.param_name], mask)
-            masks[t.param_name] = mask
+                flips += scale * count_mask_flips(self._last_masks[s.name], mask)
+            masks[s.name] = mask
+        if self.sharded:
+            groups, ok, flips, reg, dist_sum, numel = all_reduce_sums([groups, ok, flips, reg, dist_sum, numel])
+            groups, ok, flips = round(groups), round(ok), round(flips)
         first = self._last_masks is None
         self._last_masks = masks
         return {
@@ -186,24 +225,50 @@ class MaskLearner:
     @torch.no_grad()
     def finalize(self, non_target_original: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Extract the masks (top-2 |learned| per group), write ``original ⊙ mask`` into the model and restore the
-        non-target parameters from ``non_target_original``. Returns the masks (storage layout, bool)."""
+        non-target parameters from ``non_target_original``. Returns the masks (storage layout, bool).
+
+        With sharded weights every rank masks its own shard and the returned masks are the full masks, gathered on CPU
+        (a collective)."""
         masks: dict[str, torch.Tensor] = {}
-        for t in self.targets.values():
-            mask = mask_2to4(t.grouped(t.weight.detach()).contiguous())
-            masks[t.param_name] = mask.t().contiguous() if t.transposed else mask
-        apply_2to4_masks(self.model, masks, self.original)
+        if not self.sharded:
+            for t in self.targets.values():
+                mask = mask_2to4(t.grouped(t.weight.detach()).contiguous())
+                masks[t.param_name] = mask.t().contiguous() if t.transposed else mask
+            apply_2to4_masks(self.model, masks, self.original)
+        else:
+            for s in self.shards.values():
+                local = s.local(s.target.weight.data)
+                view = s.grouped(local)
+                local_mask = torch.zeros(local.shape, dtype=torch.bool, device=local.device)
+                s.grouped(local_mask).copy_(mask_2to4(view.contiguous()))  # storage layout of the local shard
+                kept = self.original[s.name].to(device=local.device, dtype=local.dtype)
+                local.copy_(torch.where(local_mask, kept, torch.zeros((), dtype=local.dtype, device=local.device)))
+                masks[s.name] = s.gather(local_mask)
         if non_target_original:
             params = dict(self.model.named_parameters())
             for name, value in non_target_original.items():
-                params[name].data.copy_(value.to(params[name].device))
+                local_tensor(params[name]).copy_(value.to(local_tensor(params[name]).device))
         return masks
 
     # ------------------------------------------------------------------ persistence (resume)
-    def save_snapshot(self, directory: str | os.PathLike) -> str:
-        """Write the original target weights into ``directory`` (used by checkpoints); returns the path."""
+    def save_snapshot(self, directory: str | os.PathLike, write: bool = True) -> str:
+        """Write the original target weights into ``directory`` (used by checkpoints); returns the path.
+
+        With sharded weights the full tensors are gathered one target at a time (a collective: every rank calls it) and
+        only ranks with ``write=True`` (the main process) write the file."""
         path = os.path.join(os.fspath(directory), SNAPSHOT_NAME)
+        if self.sharded:
+            tensors = {}
+            for s in self.shards.values():
+                full = s.gather(self.original[s.name])
+                if write:
+                    tensors[s.name] = full.contiguous()
+        else:
+            tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.original.items()}
+        if not write:
+            return path
         tmp = f"{path}.tmp-{os.getpid()}"
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in self.original.items()}, tmp)
+        save_file(tensors, tmp)
         os.replace(tmp, path)
         return path
 

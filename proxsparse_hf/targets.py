@@ -22,7 +22,14 @@ from torch import nn
 
 from .constants import OUTPUT_LAYER_NAMES, SUPPORTED_M
 
-__all__ = ["Target", "find_targets", "is_target_type", "match_module_name", "module_input_dim"]
+__all__ = [
+    "Target",
+    "decoder_block_prefixes",
+    "find_targets",
+    "is_target_type",
+    "match_module_name",
+    "module_input_dim",
+]
 
 
 def _conv1d_type() -> type | None:
@@ -85,7 +92,7 @@ def match_module_name(name: str, patterns: str | Sequence[str] | None) -> bool:
     return any(name == p or name.endswith("." + p) for p in patterns)
 
 
-def _block_prefixes(model: nn.Module) -> list[str]:
+def decoder_block_prefixes(model: nn.Module) -> list[str]:
     """Qualified names of the decoder-block containers (the largest ``nn.ModuleList`` of the model)."""
     best: tuple[int, str] | None = None
     for name, module in model.named_modules():
@@ -137,7 +144,7 @@ def find_targets(
         exclude_modules = getattr(config, "exclude_modules", None)
 
     output_names = _output_layer_names(model)
-    blocks = _block_prefixes(model) if target_modules == "all-linear" else []
+    blocks = decoder_block_prefixes(model) if target_modules == "all-linear" else []
     targets: dict[str, Target] = {}
     for name, module in model.named_modules():
         if not name or not is_target_type(module) or name in output_names:

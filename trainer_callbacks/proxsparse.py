@@ -19,6 +19,11 @@ to ``logs`` reach neither. The callback therefore (1) moves itself, once, in ``o
 the metrics it adds to ``logs`` reach all of them and the progress bar — and (2) merges the same metrics into the
 ``state.log_history`` entry of that step. The ProxSparse metrics are computed in ``on_step_end`` when the Trainer decided
 to log, so they describe the step being logged.
+
+Distributed training (``accelerate launch`` with DDP or FSDP2 / FSDP1 ``use_orig_params=True``, or a ``device_map``
+split) needs no change: every rank runs the prox on the part of each target weight it holds, the statistics are summed
+over ranks, the original-weight snapshot is sharded like the weights (gathered only to write a checkpoint), and the final
+masks are applied shard by shard. See :mod:`proxsparse_hf.distributed`.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import DefaultFlowCallback
 
 from proxsparse_hf.config import ProxSparseConfig
+from proxsparse_hf.distributed import find_distributed_targets, sharded_sparsity_report
 from proxsparse_hf.learner import MaskLearner
 from proxsparse_hf.report import SparsityReport, sparsity_report
 
@@ -73,10 +79,8 @@ class ProxSparseCallback(TrainerCallback):
     def _prepare_model(self, model) -> None:
         if model is None:
             raise ValueError("ProxSparseCallback needs the Trainer's model.")
-        # resolves targets and raises clearly when there are none
-        from proxsparse_hf.targets import find_targets
-
-        targets = find_targets(model, self.config)
+        # resolves targets and raises clearly when there are none (FSDP1-wrapped models included)
+        targets = find_distributed_targets(model, self.config)
         if not self.config.train_non_target_params:
             target_ids = {id(t.weight) for t in targets.values()}
             for param in model.parameters():
@@ -164,17 +168,22 @@ class ProxSparseCallback(TrainerCallback):
 
     # ------------------------------------------------------------------ checkpoints and the end
     def on_save(self, args, state, control, **kwargs):
-        if self.learner is None or not state.is_world_process_zero:
+        # with sharded weights gathering the snapshot is a collective: every rank takes part, the main process writes
+        if self.learner is None or not (state.is_world_process_zero or self.learner.sharded):
             return
         checkpoint = os.path.join(args.output_dir, f"{_CHECKPOINT_PREFIX}-{state.global_step}")
-        if os.path.isdir(checkpoint):
-            self.learner.save_snapshot(checkpoint)
+        write = state.is_world_process_zero and os.path.isdir(checkpoint)
+        if write or self.learner.sharded:
+            self.learner.save_snapshot(checkpoint, write=write)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if self.learner is None:
             return
         self.masks = self.learner.finalize(self._non_target_original)
-        self.report = sparsity_report(model, self.config, targets=self.learner.targets)
+        if self.learner.sharded:  # counts made on each rank's shards, summed over ranks
+            self.report = sharded_sparsity_report(model, self.learner.shards)
+        else:
+            self.report = sparsity_report(model, self.config, targets=self.learner.targets)
         logger.info(
             "ProxSparse: mask applied to the original weights; %d/%d target layers are 2:4 (target sparsity %.2f%%)",
             self.report.num_2to4_layers,

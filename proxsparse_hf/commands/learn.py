@@ -22,7 +22,9 @@ def register(subparsers) -> argparse.ArgumentParser:
         "learn",
         help="learn a 2:4 mask with ProxSparse",
         description="Learn a 2:4 semi-structured mask with ProxSparse (proximal gradient through a transformers Trainer), "
-        "apply it to the original weights, and write the output folder.",
+        "apply it to the original weights, and write the output folder. Multi-GPU: run it under `accelerate launch "
+        "[--config_file examples/accelerate_fsdp2.yaml] -m proxsparse_hf.cli learn ...` (DDP, or FSDP from the accelerate "
+        "config) or `torchrun --nproc_per_node N -m proxsparse_hf.cli learn ... --fsdp`; leave --device unset there.",
     )
     p.add_argument("model", help="local folder, Hub id, or path to a .gguf file")
     p.add_argument("--gguf-file", default=None, help="GGUF file inside the model folder / repo")
@@ -63,6 +65,16 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (TrainingArguments.bf16)")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--device", default=None, help="e.g. cuda, cpu (default: what the Trainer picks)")
+    p.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="shard the model with FSDP (TrainingArguments.fsdp; needs a multi-GPU launch: torchrun / accelerate launch)",
+    )
+    p.add_argument(
+        "--fsdp-config",
+        default=None,
+        help='FSDP settings for --fsdp: a JSON file or inline JSON (default {"version": 2}, i.e. FSDP2)',
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--report-to", default="none", help="comma-separated Trainer integrations, e.g. tensorboard")
     p.add_argument("--output-dir", required=True)
@@ -101,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"`--{name.replace('_', '-')}`={getattr(args, name)} must be >= 1.")
     if args.lr <= 0:
         raise ValueError(f"`--lr`={args.lr} must be > 0.")
+    fsdp_config = _fsdp_config(args)
 
     from proxsparse_hf.data import load_calibration_data
     from proxsparse_hf.learn import learn_mask
@@ -146,7 +159,13 @@ def run(args: argparse.Namespace) -> int:
         distill_alpha=args.distill_alpha,
         distill_temperature=args.distill_temperature,
         use_cpu=args.device == "cpu",
+        fsdp=bool(args.fsdp),
+        fsdp_config=fsdp_config,
     )
+    from proxsparse_hf.distributed import rank
+
+    if rank() != 0:  # multi-process launch: the main process writes the output folder
+        return 0
     run_info = {
         "calibration": {
             "dataset": os.fspath(args.dataset),
@@ -163,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
     }
     save_pruned_output(
         out,
-        model,
+        model if result.pruned_model is None else result.pruned_model,
         tokenizer,
         config=result.config,
         masks=result.masks,
@@ -192,3 +211,24 @@ def run(args: argparse.Namespace) -> int:
     }
     print(json.dumps(summary))
     return 0
+
+
+def _fsdp_config(args: argparse.Namespace) -> dict | None:
+    """``--fsdp-config`` (a JSON file or inline JSON) as a dict; ``{"version": 2}`` for a bare ``--fsdp``."""
+    if args.fsdp_config is None:
+        return {"version": 2} if args.fsdp else None
+    if not args.fsdp:
+        raise ValueError("`--fsdp-config` needs `--fsdp`.")
+    text = args.fsdp_config
+    if os.path.isfile(text):
+        with open(text, encoding="utf-8") as fh:
+            text = fh.read()
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(
+            f"`--fsdp-config`={args.fsdp_config!r} is neither a JSON file nor inline JSON: {exc}"
+        ) from exc
+    if not isinstance(value, dict):
+        raise ValueError(f"`--fsdp-config`={args.fsdp_config!r} must be a JSON object, got {type(value).__name__}.")
+    return value

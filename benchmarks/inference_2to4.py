@@ -1,0 +1,335 @@
+"""Benchmark 2:4 sparse kernels against dense cuBLAS: GEMM level (Llama projection shapes) and model level (a 7B-shaped
+Llama decoder with random weights, magnitude 2:4 masks).
+
+Prints one JSON line per measurement and writes everything (with GPU name and versions) to ``--out``::
+
+    python benchmarks/inference_2to4.py --out benchmarks/results/inference_2to4_h100.json
+    python benchmarks/inference_2to4.py --part gemm --dtypes float16 --out /tmp/fp16.json
+
+Timing: CUDA events, warm-up first, median of repeated runs. ``eager`` = back-to-back calls as a model would issue them
+(host launch cost included); ``graph`` = CUDA-graph replays (no host cost).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from proxsparse_hf.inference import (  # noqa: E402
+    SparseLinear2to4,
+    _build_kernel,
+    _DispatchCache,
+    sparse_kernels_available,
+    sparse_weight_memory,
+    time_ms,
+    to_dense_kernels,
+    to_sparse_kernels,
+)
+from proxsparse_hf.masks import mask_2to4  # noqa: E402
+from proxsparse_hf.outputs import describe_hardware, library_versions  # noqa: E402
+
+SHAPES = {  # (out_features, in_features) of the distinct projections
+    "llama2-7b": {"qkvo": (4096, 4096), "gate_up": (11008, 4096), "down": (4096, 11008)},
+    "llama3-8b": {"qo": (4096, 4096), "kv": (1024, 4096), "gate_up": (14336, 4096), "down": (4096, 14336)},
+    "llama2-13b": {"qkvo": (5120, 5120), "gate_up": (13824, 5120), "down": (5120, 13824)},
+}
+TOKENS = (1, 16, 128, 512, 2048, 8192)
+RESULTS: list[dict] = []
+
+
+def emit(record: dict) -> None:
+    RESULTS.append(record)
+    print(json.dumps(record), flush=True)
+
+
+def masked(out_features: int, in_features: int, dtype: torch.dtype) -> torch.Tensor:
+    w = torch.randn(out_features, in_features, device="cuda", dtype=dtype) * 0.02
+    return w * mask_2to4(w)
+
+
+def gemm_level(dtypes: list[torch.dtype], cache_dir: str, models: list[str]) -> None:
+    backends = [b for b in ("cusparselt", "cutlass", "torchao") if sparse_kernels_available(b)[0]]
+    for b in ("cutlass", "torchao"):
+        if b not in backends:
+            emit({"level": "gemm", "backend": b, "skipped": sparse_kernels_available(b)[1]})
+    seen = set()
+    for dtype in dtypes:
+        for model_name in models:
+            for proj, (n, k) in SHAPES[model_name].items():
+                if (n, k, dtype) in seen:
+                    continue
+                seen.add((n, k, dtype))
+                w = masked(n, k, dtype)
+                linear = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=dtype)
+                with torch.no_grad():
+                    linear.weight.copy_(w)
+                disp = {}
+                for tune_for in ("eager", "cuda_graph"):
+                    disp[tune_for] = to_sparse_kernels(
+                        torch.nn.Sequential(torch.nn.ModuleList([torch.nn.Sequential(linear)])),
+                        tune_for=tune_for,
+                        cache_dir=cache_dir,
+                    )[0][0][0]
+                key = _DispatchCache.key("cusparselt", dtype, n, k, "cuda_graph")
+                entry = _DispatchCache(cache_dir, w.device).get(key)
+                kernels = {"cusparselt": _build_kernel("cusparselt", w, entry.alg_id)}
+                kernels["cusparselt_alg0"] = _build_kernel("cusparselt", w, 0)
+                for b in backends[1:]:
+                    kernels[b] = _build_kernel(b, w)
+                x_all = torch.randn(max(TOKENS), k, device="cuda", dtype=dtype)
+                for m in TOKENS:
+                    x = x_all[:m]
+                    reps = 30 if m <= 512 else 8
+                    base = {"level": "gemm", "model": model_name, "proj": proj, "N": n, "K": k, "M": m}
+                    base["dtype"] = str(dtype).replace("torch.", "")
+                    for timing, tune_for in (("eager", "eager"), ("graph", "cuda_graph")):
+                        dense = time_ms(lambda: F.linear(x, w), tune_for, reps)
+                        emit({**base, "impl": "dense", "timing": timing, "ms": round(dense, 5), "speedup": 1.0})
+                        impls = dict(kernels)
+                        if timing == "graph":
+                            impls.pop("torchao", None)  # torch's subclass path is the same cuSPARSELt call, eager only
+                        else:
+                            impls.pop("cusparselt_alg0", None)  # the default algorithm: graph timing shows it
+                        for name, kern in impls.items():
+                            try:
+                                ms = time_ms(lambda: kern.mm(x, None), tune_for, reps)
+                            except RuntimeError as exc:
+                                emit({**base, "impl": name, "timing": timing, "error": str(exc)[:200]})
+                                continue
+                            emit(
+                                {
+                                    **base,
+                                    "impl": name,
+                                    "timing": timing,
+                                    "ms": round(ms, 5),
+                                    "speedup": round(dense / ms, 3),
+                                }
+                            )
+                        layer = disp[tune_for]  # nn.Linear itself where sparse never won for this shape
+                        with torch.no_grad():
+                            ms = time_ms(lambda: layer(x), tune_for, reps)
+                        emit(
+                            {
+                                **base,
+                                "impl": "dispatch",
+                                "timing": timing,
+                                "ms": round(ms, 5),
+                                "speedup": round(dense / ms, 3),
+                                "min_tokens": layer.min_tokens if isinstance(layer, SparseLinear2to4) else None,
+                                "alg_id": entry.alg_id,
+                            }
+                        )
+                del kernels, x_all, disp
+
+
+def build_7b(dtype: torch.dtype, layers: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=layers,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+        max_position_embeddings=8192,
+    )
+    config._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config).to(dtype)
+    model = model.to_empty(device="cuda")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+                if p.dim() == 2 and ".layers." in name:
+                    p.mul_(mask_2to4(p))
+        with torch.device("cuda"):  # non-persistent buffers (inv_freq) are not materialised by to_empty
+            model.model.rotary_emb = type(model.model.rotary_emb)(config)
+    return model.eval()
+
+
+def _median_ms(fn, warmup: int, reps: int) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end))
+    return statistics.median(samples)
+
+
+def prefill(model, length: int, label: str, graphs: bool) -> dict:
+    ids = torch.randint(0, 32000, (1, length), device="cuda")
+
+    def run():
+        return model(input_ids=ids, use_cache=False, logits_to_keep=1)
+
+    out = {"level": "model", "what": "prefill", "tokens": length, "model": label}
+    with torch.no_grad():
+        torch.cuda.reset_peak_memory_stats()
+        out["eager_ms"] = round(_median_ms(run, 2, 5), 3)
+        out["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        if graphs:
+            try:
+                stream = torch.cuda.Stream()
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):
+                    run()
+                torch.cuda.current_stream().wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    run()
+                out["graph_ms"] = round(_median_ms(graph.replay, 2, 5), 3)
+                del graph
+            except Exception as exc:  # noqa: BLE001 - report why graphs did not work
+                out["graph_error"] = str(exc)[:300]
+    torch.cuda.empty_cache()
+    return out
+
+
+def _generate_seconds(model, ids: torch.Tensor, new_tokens: int) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+    )
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def decode_ab(model, batches: list[int], new_tokens: int, cache_dir: str, rounds: int = 3) -> list[dict]:
+    """Decode tokens/s of the dense model and of its eager-tuned conversion, interleaved round by round (A, B, A, B...)
+    so that drift of the host or the GPU hits both alike. ``model`` is dense on entry and on exit."""
+    rows = []
+    for batch in batches:
+        ids = torch.randint(1, 32000, (batch, 64), device="cuda")
+        dense_s, sparse_s = [], []
+        with torch.no_grad():
+            for round_ in range(rounds + 1):  # round 0 warms both up
+                dense = _generate_seconds(model, ids, new_tokens)
+                to_sparse_kernels(model, tune_for="eager", cache_dir=cache_dir)
+                sparse = _generate_seconds(model, ids, new_tokens)
+                to_dense_kernels(model)
+                if round_:
+                    dense_s.append(dense)
+                    sparse_s.append(sparse)
+        for label, samples in (("dense", dense_s), ("2:4 dispatch (tuned eager)", sparse_s)):
+            row = {"level": "model", "what": "decode", "batch": batch, "new_tokens": new_tokens, "model": label}
+            row["tokens_per_s"] = round(batch * new_tokens / statistics.median(samples), 2)
+            row["seconds"] = [round(x, 4) for x in samples]
+            rows.append(row)
+        rows[-1]["speedup"] = round(statistics.median(dense_s) / statistics.median(sparse_s), 3)
+        rows[-1]["speedup_per_round"] = [round(d / c, 3) for d, c in zip(dense_s, sparse_s)]
+    return rows
+
+
+def model_level(layers: int, lengths: list[int], batches: list[int], new_tokens: int, cache_dir: str) -> None:
+    model = build_7b(torch.bfloat16, layers)
+    dense_mem = torch.cuda.memory_allocated()
+    rows = {}
+    for length in lengths:
+        rows[("prefill", length, "dense")] = prefill(model, length, "dense", graphs=True)
+    for tune_for in ("eager", "cuda_graph"):
+        start = time.perf_counter()
+        to_sparse_kernels(model, tune_for=tune_for, cache_dir=cache_dir)
+        convert_s = time.perf_counter() - start
+        label = f"2:4 dispatch (tuned {tune_for})"
+        mem = sparse_weight_memory(model).to_dict()
+        thresholds = sorted(
+            {
+                f"{m.out_features}x{m.in_features}": m.min_tokens if isinstance(m, SparseLinear2to4) else None
+                for name, m in model.named_modules()
+                if ".layers." in name and isinstance(m, (SparseLinear2to4, torch.nn.Linear))
+            }.items()
+        )
+        emit(
+            {
+                "level": "model",
+                "what": "conversion",
+                "model": label,
+                "seconds": round(convert_s, 2),
+                "weights": mem,
+                "allocated_gib_dense": round(dense_mem / 2**30, 2),
+                "allocated_gib_converted": round(torch.cuda.memory_allocated() / 2**30, 2),
+                "min_tokens": dict(thresholds),
+            }
+        )
+        for length in lengths:
+            rows[("prefill", length, label)] = prefill(model, length, label, graphs=True)
+        to_dense_kernels(model)
+    for (_, size, label), row in rows.items():
+        ref = rows[("prefill", size, "dense")]
+        if label != "dense":
+            for key in ("eager_ms", "graph_ms"):
+                if key in row and key in ref:
+                    row[key.replace("_ms", "_speedup")] = round(ref[key] / row[key], 3)
+        emit(row)
+    for row in decode_ab(model, batches, new_tokens, cache_dir):
+        emit(row)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=("all", "gemm", "model", "decode"), default="all")
+    parser.add_argument("--dtypes", nargs="+", default=["bfloat16"], choices=("bfloat16", "float16"))
+    parser.add_argument("--gemm-models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--layers", type=int, default=32, help="decoder layers of the 7B-shaped model")
+    parser.add_argument("--prefill", type=int, nargs="+", default=[2048, 8192])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--cache-dir", default="/tmp/proxsparse_dispatch")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    if not sparse_kernels_available("cusparselt")[0]:
+        print(json.dumps({"skipped": sparse_kernels_available("cusparselt")[1]}))
+        return 1
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a timeout still writes what was measured
+    torch.manual_seed(0)
+    dtypes = [getattr(torch, d) for d in args.dtypes]
+    info = {
+        "gpu": torch.cuda.get_device_name(0),
+        "hardware": describe_hardware(),
+        "versions": {**library_versions(), "cusparselt": torch.backends.cusparselt.version()},
+        "args": vars(args),
+    }
+    print(json.dumps(info), flush=True)
+    try:
+        if args.part in ("all", "gemm"):
+            gemm_level(dtypes, args.cache_dir, args.gemm_models)
+        if args.part in ("all", "model"):
+            model_level(args.layers, args.prefill, args.batches, args.new_tokens, args.cache_dir)
+        if args.part == "decode":
+            for row in decode_ab(build_7b(torch.bfloat16, args.layers), args.batches, args.new_tokens, args.cache_dir):
+                emit(row)
+    finally:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({**info, "results": RESULTS}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

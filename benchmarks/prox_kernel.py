@@ -1,0 +1,340 @@
+"""Benchmark of the 2:4 prox step on Llama-2-7B-shaped decoder layers (bf16).
+
+Prints one JSON line per backend (our Triton kernel, our torch path, and an eager re-implementation of the published
+alternating algorithm written here: sort, three candidates, 100 coordinate-descent sweeps from a zero start with a
+global convergence check), then one JSON line with the training-step overhead of running the prox on every linear
+of a stack of 7B-shaped decoder layers after ``optimizer.step()``, and writes everything, with the GPU name and library
+versions, to ``--out`` (default ``benchmarks/results/prox_kernel_<gpu>.json``).
+
+    python benchmarks/prox_kernel.py                  # on a CUDA machine
+    python benchmarks/prox_kernel.py --device cpu --small --reps 3   # smoke test of the script itself
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from proxsparse_hf.prox import prox_2to4_
+
+HIDDEN, INTERMEDIATE, HEADS = 4096, 11008, 32
+# (out_features, in_features) of q, k, v, o, gate, up, down
+LAYER_SHAPES = [(HIDDEN, HIDDEN)] * 4 + [(INTERMEDIATE, HIDDEN)] * 2 + [(HIDDEN, INTERMEDIATE)]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the published algorithm, eager (baseline)
+# ----------------------------------------------------------------------------------------------------------------------
+def _published_cd(a: torch.Tensor, lam: float, support: int, sweeps: int, tol: float) -> torch.Tensor:
+    """Alternating minimisation from a zero start on the first ``support`` sorted magnitudes ([G, 4])."""
+    w = torch.zeros_like(a)
+    for _ in range(sweeps):
+        prev = w.clone()
+        for i in range(support):
+            others = [j for j in range(support) if j != i]
+            if support == 3:
+                coupling = w[:, others[0]] * w[:, others[1]]
+            else:
+                x, y, z = (w[:, j] for j in others)
+                coupling = x * y + x * z + y * z
+            w[:, i] = (a[:, i] - lam * coupling).clamp_min(0)
+        if (w - prev).abs().max().item() < tol:  # global convergence check (one sync per sweep)
+            break
+    return w
+
+
+def published_prox_(weight: torch.Tensor, lam: float, sweeps: int = 100, tol: float = 1e-8) -> torch.Tensor:
+    v = weight.float().reshape(-1, 4)
+    a, order = v.abs().sort(dim=1, descending=True)
+    two = a.clone()
+    two[:, 2:] = 0
+    three = _published_cd(a, lam, 3, sweeps, tol)
+    four = _published_cd(a, lam, 4, sweeps, tol)
+    cands = torch.stack([two, three, four])
+    e3 = (
+        cands[..., 0] * cands[..., 1] * cands[..., 2]
+        + cands[..., 0] * cands[..., 1] * cands[..., 3]
+        + cands[..., 0] * cands[..., 2] * cands[..., 3]
+        + cands[..., 1] * cands[..., 2] * cands[..., 3]
+    )
+    obj = 0.5 * (cands - a).square().sum(-1) + lam * e3
+    best = cands.gather(0, obj.argmin(0).view(1, -1, 1).expand(1, -1, 4)).squeeze(0)
+    out = torch.empty_like(best).scatter_(1, order, best)
+    weight.copy_(torch.copysign(out, v).view_as(weight))
+    return weight
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# timing helpers
+# ----------------------------------------------------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn, device: torch.device) -> float:
+    """Milliseconds of ``fn()`` (CUDA events on GPU, perf_counter on CPU)."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def copy_bandwidth(device: torch.device, n_bytes: int = 1 << 30, reps: int = 20) -> float:
+    """Measured device-to-device copy bandwidth in GB/s (bytes read + bytes written)."""
+    src = torch.empty(n_bytes // 2, dtype=torch.bfloat16, device=device).normal_()
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    times = [_timed(lambda: dst.copy_(src), device) for _ in range(reps)]
+    return 2 * n_bytes / (statistics.median(times) * 1e-3) / 1e9
+
+
+def make_layer(shapes, device, dtype, gen) -> list[torch.Tensor]:
+    return [(torch.randn(s, generator=gen, device=device) * 0.02).to(dtype) for s in shapes]
+
+
+def bench_backend(name, fn, pristine, work, lam, warmup, reps, device) -> list[float]:
+    def run():
+        for w in work:
+            fn(w, lam)
+
+    times = []
+    for i in range(warmup + reps):
+        for w, p in zip(work, pristine):
+            w.copy_(p)  # every repetition starts from the same (dense, worst-case) weights
+        _sync(device)
+        ms = _timed(run, device)
+        if i >= warmup:
+            times.append(ms)
+    return times
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# training-step overhead on a stack of 7B-shaped decoder layers
+# ----------------------------------------------------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.shape[-1],), self.weight, 1e-5)
+
+
+class DecoderLayer(nn.Module):
+    """Llama-2-7B-shaped block (no rotary: it does not change the cost of the step being compared)."""
+
+    def __init__(self, hidden: int, intermediate: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(hidden, hidden, bias=False) for _ in range(4))
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.norm1, self.norm2 = RMSNorm(hidden), RMSNorm(hidden)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        h = self.norm1(x)
+        q, k, v = (p(h).view(b, t, self.heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        att = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, d)
+        x = x + self.o_proj(att)
+        h = self.norm2(x)
+        return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+
+
+def bench_training_step(args, device, dtype) -> dict:
+    torch.manual_seed(0)
+    hidden, inter, heads = (256, 688, 4) if args.small else (HIDDEN, INTERMEDIATE, HEADS)
+    model = nn.Sequential(*(DecoderLayer(hidden, inter, heads) for _ in range(args.layers))).to(device, dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.02)
+    linears = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, **({"fused": True} if device.type == "cuda" else {}))
+    x = torch.randn(1, args.tokens, hidden, device=device, dtype=dtype)
+
+    def step(with_prox: bool) -> None:
+        loss = model(x).float().square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if with_prox:  # what the callback does in on_optimizer_step
+            with torch.no_grad():
+                for w in linears:
+                    prox_2to4_(w, args.lam)
+
+    res = {}
+    for with_prox in (False, True, False, True):  # interleaved, to cancel drift
+        for _ in range(args.warmup):
+            step(with_prox)
+        times = [_timed(lambda: step(with_prox), device) for _ in range(args.step_reps)]
+        res.setdefault(with_prox, []).extend(times)
+    base, prox = statistics.median(res[False]), statistics.median(res[True])
+    return {
+        "benchmark": "training_step_overhead",
+        "layers": args.layers,
+        "tokens_per_step": args.tokens,
+        "step_ms_without_prox": round(base, 3),
+        "step_ms_with_prox": round(prox, 3),
+        "overhead_fraction": round((prox - base) / base, 4),
+        "target_overhead_fraction": 0.05,
+        "note": "plain torch loop: forward, backward, fused AdamW step, then prox_2to4_ on every linear weight "
+        "(what ProxSparseCallback.on_optimizer_step does); bf16 weights; random inputs and a squared-output loss",
+    }
+
+
+def objective_agreement(backends, weight: torch.Tensor, lam: float) -> dict:
+    """Per-group objective of every backend on one matrix, relative to the eager published algorithm."""
+    v = weight.double().reshape(-1, 4)
+
+    def objective(w: torch.Tensor) -> torch.Tensor:
+        w = w.double().reshape(-1, 4).abs()
+        e3 = w[:, 0] * w[:, 1] * (w[:, 2] + w[:, 3]) + w[:, 2] * w[:, 3] * (w[:, 0] + w[:, 1])
+        return 0.5 * (w - v.abs()).square().sum(1) + lam * e3
+
+    ref = objective(published_prox_(weight.float().clone(), lam))
+    out = {"benchmark": "objective_vs_eager_published", "groups": v.shape[0]}
+    for name, fn in backends.items():
+        if name == "eager_published":
+            continue
+        w = weight.float().clone()
+        fn(w, lam)
+        rel = (objective(w) - ref) / ref.abs().clamp_min(1e-300)
+        out[name] = {"max_rel_excess": float(rel.max()), "groups_better_by_1e-6": int((rel < -1e-6).sum())}
+    return out
+
+
+def gpu_slug(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "cpu"
+    name = torch.cuda.get_device_name(device).lower()
+    match = re.search(r"(h100|h200|h20|a100|a10g|l40s|l4|b200|gb200|rtx\s*\d+)", name)
+    return re.sub(r"[^a-z0-9]+", "-", match.group(1) if match else name).strip("-")
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
+    try:
+        import triton
+
+        out["triton"] = triton.__version__
+    except ImportError:
+        out["triton"] = None
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--lam", type=float, default=0.5)
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--baseline-reps", type=int, default=20)
+    parser.add_argument("--layers", type=int, default=4, help="decoder layers in the training-step benchmark")
+    parser.add_argument("--tokens", type=int, default=4096, help="tokens per training step")
+    parser.add_argument("--step-reps", type=int, default=10)
+    parser.add_argument("--small", action="store_true", help="tiny shapes (smoke test)")
+    parser.add_argument("--skip-step", action="store_true")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16
+    shapes = [(o // 16, i // 16) for o, i in LAYER_SHAPES] if args.small else LAYER_SHAPES
+    if args.small:
+        args.tokens = min(args.tokens, 256)
+    gen = torch.Generator(device=device).manual_seed(0)
+    pristine = make_layer(shapes, device, dtype, gen)
+    work = [p.clone() for p in pristine]
+    numel = sum(p.numel() for p in pristine)
+    n_bytes = 2 * numel * pristine[0].element_size()  # each weight read once and written once
+    bandwidth = copy_bandwidth(device, n_bytes=(1 << 26) if args.small else (1 << 30))
+    floor_ms = n_bytes / (bandwidth * 1e9) * 1e3
+
+    backends = {}
+    if device.type == "cuda":
+        backends["triton"] = lambda w, lam: prox_2to4_(w, lam, backend="triton")
+    backends["torch"] = lambda w, lam: prox_2to4_(w, lam, backend="torch", chunk_groups=1 << 22)
+    backends["eager_published"] = lambda w, lam: published_prox_(w, lam)
+
+    results = []
+    medians = {}
+    peak_extra = {}
+    for name, fn in backends.items():
+        reps = args.baseline_reps if name == "eager_published" else args.reps
+        times = bench_backend(name, fn, pristine, work, args.lam, args.warmup, reps, device)
+        medians[name] = statistics.median(times)
+        if device.type == "cuda":
+            for w, p in zip(work, pristine):
+                w.copy_(p)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base_mem = torch.cuda.memory_allocated()
+            for w in work:
+                fn(w, args.lam)
+            torch.cuda.synchronize()
+            peak_extra[name] = torch.cuda.max_memory_allocated() - base_mem
+    base = medians["eager_published"]
+    for name, ms in medians.items():
+        row = {
+            "backend": name,
+            "ms_per_decoder_layer": round(ms, 4),
+            "achieved_GBps": round(n_bytes / (ms * 1e-3) / 1e9, 1),
+            "fraction_of_hbm_floor": round(floor_ms / ms, 4),
+            "speedup_vs_eager_published": round(base / ms, 1),
+            "peak_extra_memory_fraction_of_weights": (
+                round(peak_extra[name] / (numel * pristine[0].element_size()), 6) if name in peak_extra else None
+            ),
+            "reps": args.baseline_reps if name == "eager_published" else args.reps,
+        }
+        print(json.dumps(row), flush=True)
+        results.append(row)
+
+    agreement = objective_agreement(backends, pristine[0], args.lam)
+    print(json.dumps(agreement), flush=True)
+    step = None if args.skip_step else bench_training_step(args, device, dtype)
+    if step is not None:
+        print(json.dumps(step), flush=True)
+    record = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "versions": versions(),
+        "dtype": "bfloat16",
+        "lam": args.lam,
+        "layer_shapes": shapes,
+        "bytes_per_layer_read_plus_write": n_bytes,
+        "measured_copy_bandwidth_GBps": round(bandwidth, 1),
+        "hbm_floor_ms_per_layer": round(floor_ms, 4),
+        "timing": "CUDA events, warm-up then median; every repetition restarts from the same dense N(0, 0.02) weights",
+        "backends": results,
+        "objective_agreement": agreement,
+        "training_step": step,
+        "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
+    }
+    out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"prox_kernel_{gpu_slug(device)}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(json.dumps({"written": str(out), "hbm_floor_ms": round(floor_ms, 4), "copy_GBps": round(bandwidth, 1)}))
+    return 0 if math.isfinite(base) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,224 @@
+"""CPU tests of the 2:4 kernel conversion: validation, errors, CPU fallback, dispatch threshold, cache, round trip."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+from tiny_models import tiny_model
+from torch import nn
+
+from proxsparse_hf.inference import (
+    NEVER,
+    DispatchEntry,
+    SparseLinear2to4,
+    _DispatchCache,
+    _threshold,
+    resolve_backend,
+    sparse_kernels_available,
+    sparse_weight_memory,
+    to_dense_kernels,
+    to_sparse_kernels,
+)
+from proxsparse_hf.masks import apply_2to4_masks, extract_2to4_masks
+from proxsparse_hf.targets import find_targets
+
+
+def _pruned(family: str = "llama", seed: int = 0) -> nn.Module:
+    model = tiny_model(family, seed=seed)
+    apply_2to4_masks(model, extract_2to4_masks(model))
+    return model.eval()
+
+
+def test_cpu_fallback_swaps_layers_warns_and_matches_dense(caplog):
+    model = _pruned()
+    ids = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        ref = model(ids).logits
+    with caplog.at_level(logging.WARNING, logger="proxsparse_hf.inference"):
+        to_sparse_kernels(model)
+    assert "2:4 sparse kernels are unavailable" in caplog.text
+    layers = [m for m in model.modules() if isinstance(m, SparseLinear2to4)]
+    assert len(layers) == len(find_targets(tiny_model("llama"))) == 14
+    assert all(m.backend == "dense" and m.min_tokens == NEVER for m in layers)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref)
+
+
+def test_round_trip_is_bit_exact_and_shares_parameters():
+    model = _pruned()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    weight = model.model.layers[0].self_attn.q_proj.weight
+    to_sparse_kernels(model)
+    assert model.model.layers[0].self_attn.q_proj.weight is weight
+    assert set(model.state_dict()) == set(before)
+    to_dense_kernels(model)
+    assert type(model.model.layers[0].self_attn.q_proj) is nn.Linear
+    assert model.model.layers[0].self_attn.q_proj.weight is weight
+    after = model.state_dict()
+    assert set(after) == set(before)
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert not any(isinstance(m, SparseLinear2to4) for m in model.modules())
+
+
+def test_conv1d_round_trip_and_forward():
+    from transformers.pytorch_utils import Conv1D
+
+    model = _pruned("gpt2")
+    ids = torch.randint(0, 128, (1, 9))
+    with torch.no_grad():
+        ref = model(ids).logits
+    to_sparse_kernels(model, backend="dense")
+    layer = model.transformer.h[0].attn.c_attn
+    assert isinstance(layer, SparseLinear2to4) and layer.transposed
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref, rtol=1e-5, atol=1e-5)
+    to_dense_kernels(model)
+    assert isinstance(model.transformer.h[0].attn.c_attn, Conv1D)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref)
+
+
+def test_non_2to4_layer_error_names_the_layer_and_leaves_model_untouched():
+    model = _pruned()
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight.fill_(1.0)
+    with pytest.raises(
+        ValueError, match=r"Layer `model\.layers\.1\.mlp\.up_proj`.*not 2:4 sparse.*0\.00% of its groups"
+    ):
+        to_sparse_kernels(model)
+    assert not any(isinstance(m, SparseLinear2to4) for m in model.modules())
+
+
+def test_filter_fn_selects_layers_and_skips_non_2to4_ones():
+    model = tiny_model("llama")
+    masks = {k: v for k, v in extract_2to4_masks(model).items() if "mlp" in k}
+    apply_2to4_masks(model, masks)
+    to_sparse_kernels(model, filter_fn=lambda module, name: "mlp" in name)
+    converted = sorted(n for n, m in model.named_modules() if isinstance(m, SparseLinear2to4))
+    assert converted == [f"model.layers.{i}.mlp.{p}" for i in range(2) for p in ("down_proj", "gate_proj", "up_proj")]
+    with pytest.raises(ValueError, match="No layer left to convert"):
+        to_sparse_kernels(model, filter_fn=lambda module, name: "mlp" in name)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"backend": "triton"}, r"`backend`='triton' is not one of"),
+        ({"mode": "tiny"}, r"`mode`='tiny' is not one of"),
+        ({"tune_for": "graph"}, r"`tune_for`='graph' is not one of"),
+        ({"min_tokens": -1}, r"`min_tokens`=-1 must be 'auto', None or an int >= 0"),
+        ({"min_tokens": "fast"}, r"`min_tokens`='fast' must be"),
+        ({"min_tokens": 64, "mode": "memory"}, r"`min_tokens`=64 needs the dense weight"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        to_sparse_kernels(_pruned(), **kwargs)
+
+
+def test_module_argument_errors():
+    linear = nn.Linear(16, 8, bias=False)
+    with torch.no_grad():
+        linear.weight.zero_()
+    with pytest.raises(ValueError, match=r"`mode`='fast' is not one of"):
+        SparseLinear2to4.from_linear(linear, backend="dense", mode="fast")
+    with pytest.raises(ValueError, match=r"`mode`='memory' needs a sparse kernel"):
+        SparseLinear2to4.from_linear(linear, backend="dense", mode="memory")
+    layer = SparseLinear2to4.from_linear(linear, backend="dense")
+    with pytest.raises(ValueError, match=r"`min_tokens`=-3 must be an int >= 0"):
+        layer.set_min_tokens(-3)
+    with pytest.raises(ValueError, match=r"Layer `my_layer`.*not 2:4"):
+        SparseLinear2to4.from_linear(nn.Linear(16, 8), backend="dense", name="my_layer")
+    with pytest.raises(ValueError, match=r"`backend`='gpu' is not one of"):
+        resolve_backend("gpu")
+
+
+def test_memory_mode_without_kernels_falls_back_to_speed(caplog):
+    model = _pruned()
+    with caplog.at_level(logging.WARNING, logger="proxsparse_hf.inference"):
+        to_sparse_kernels(model, mode="memory")
+    assert "`mode`='memory' needs sparse kernels" in caplog.text
+    assert all(m.mode == "speed" for m in model.modules() if isinstance(m, SparseLinear2to4))
+
+
+def test_availability_on_cpu():
+    if torch.cuda.is_available():
+        pytest.skip("CPU-only expectations")
+    ok, why = sparse_kernels_available("cusparselt")
+    assert not ok and "CUDA is not available" in why
+    assert sparse_kernels_available("dense") == (False, "the dense backend runs no sparse kernel")
+    assert resolve_backend("cusparselt") == "dense"
+    with pytest.raises(ValueError, match=r"`backend`='x' is not one of"):
+        sparse_kernels_available("x")
+
+
+def test_threshold_takes_smallest_bucket_from_which_sparse_always_wins():
+    buckets = [16, 128, 1024, 8192]
+    assert _threshold(buckets, [1, 1, 1, 1], [2, 2, 0.5, 0.5], 0.03) == 1024
+    # a win below a loss does not count: sparse must win at every larger bucket too
+    assert _threshold(buckets, [1, 1, 1, 1], [0.5, 2, 0.5, 0.5], 0.03) == 1024
+    assert _threshold(buckets, [1, 1, 1, 1], [0.5, 0.5, 0.5, 0.5], 0.03) == 16
+    assert _threshold(buckets, [1, 1, 1, 1], [0.5, 0.5, 0.5, 0.99], 0.03) == NEVER  # within the margin: dense
+
+
+def test_dispatch_uses_dense_below_threshold_and_kernel_above():
+    class FakeKernel:
+        name = "fake"
+        nbytes = 36
+        weight = torch.empty(0, dtype=torch.float32)
+
+        def __init__(self):
+            self.calls = 0
+
+        def mm(self, x2d, bias):
+            self.calls += 1
+            return torch.zeros(x2d.shape[0], 8)
+
+    kernel = FakeKernel()
+    linear = nn.Linear(16, 8, bias=False)
+    layer = SparseLinear2to4(
+        linear.weight, None, in_features=16, out_features=8, kernel=kernel, min_tokens=32, mode="speed"
+    )
+    x_small = torch.randn(2, 15, 16)  # 30 tokens
+    x_large = torch.randn(4, 8, 16)  # 32 tokens
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x_small), linear(x_small))
+        assert kernel.calls == 0
+        # CPU inputs never reach the kernel in speed mode, even above the threshold
+        torch.testing.assert_close(layer(x_large), linear(x_large))
+        assert kernel.calls == 0
+    assert "min_tokens=32" in repr(layer) and "backend=fake" in repr(layer)
+    layer.set_min_tokens(NEVER)
+    assert "min_tokens=never" in repr(layer)
+
+
+def test_sparse_weight_memory_counts_dense_layers():
+    model = _pruned()
+    to_sparse_kernels(model, backend="dense")
+    report = sparse_weight_memory(model)
+    hidden, inter = 64, model.config.intermediate_size
+    kv = model.config.num_key_value_heads * (hidden // model.config.num_attention_heads)
+    per_layer = (2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * inter) * 4
+    assert report.layers == 14 and report.sparse_layers == 0
+    assert report.dense_bytes == 2 * per_layer
+    assert report.compressed_bytes == 0 and report.resident_bytes == report.dense_bytes
+    assert report.to_dict()["resident_ratio"] == 1.0
+
+
+def test_dispatch_cache_round_trip(tmp_path, monkeypatch):
+    monkeypatch.setenv("PROXSPARSE_CACHE_DIR", str(tmp_path / "default"))
+    cache = _DispatchCache(tmp_path, torch.device("cpu"))
+    key = cache.key("cusparselt", torch.bfloat16, 4096, 11008, "eager")
+    assert "cusparselt|bfloat16|4096x11008|eager|torch" in key
+    entry = DispatchEntry(min_tokens=1024, alg_id=17, buckets=[16, 1024], dense_ms=[0.1, 1.0], sparse_ms=[0.5, 0.6])
+    cache.put(key, entry)
+    cache.save()
+    data = json.loads(cache.file.read_text())
+    assert data["version"] == 1 and data["entries"][key]["alg_id"] == 17
+    assert _DispatchCache(tmp_path, torch.device("cpu")).get(key) == entry
+    cache.file.write_text("{not json")
+    assert _DispatchCache(tmp_path, torch.device("cpu")).get(key) is None
+    assert _DispatchCache(None, torch.device("cpu")).path == tmp_path / "default"
