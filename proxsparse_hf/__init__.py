@@ -20,6 +20,7 @@ _LAZY: dict[str, str] = {
     "prox_2to4_": "prox",
     "regularizer_2to4": "regularizers",
     "frozen_weight_grad": "regularizers",
+    "frozen_weight_regularizer": "regularizers",
     "mask_2to4": "masks",
     "is_2to4": "masks",
     "extract_2to4_masks": "masks",
@@ -88,6 +89,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from .masks import apply_2to4_masks, extract_2to4_masks, is_2to4, load_masks, mask_2to4, save_masks  # noqa: F401
     from .outputs import load_output_dir, save_pruned_output  # noqa: F401
     from .prox import prox_2to4, prox_2to4_  # noqa: F401
-    from .regularizers import frozen_weight_grad, regularizer_2to4  # noqa: F401
+    from .regularizers import frozen_weight_grad, frozen_weight_regularizer, regularizer_2to4  # noqa: F401
     from .report import SparsityReport, sparsity_report  # noqa: F401
     from .targets import Target, find_targets  # noqa: F401

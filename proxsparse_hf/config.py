@@ -88,7 +88,7 @@ class ProxSparseConfig:
     m: int = field(default=SUPPORTED_M, metadata={"help": "Group size (only 4 is supported)."})
     solver_backend: str = field(default="auto", metadata={"help": f"Prox solver backend: one of {SOLVER_BACKENDS}."})
     solver_max_iter: int = field(default=100, metadata={"help": "Max coordinate-descent sweeps per candidate (>= 1)."})
-    solver_tol: float = field(default=1e-7, metadata={"help": "Solver convergence tolerance, relative (> 0)."})
+    solver_tol: float = field(default=1e-6, metadata={"help": "Solver convergence tolerance, relative (> 0)."})
     snapshot_device: str = field(
         default="cpu", metadata={"help": f"Where the original-weight snapshot lives: one of {SNAPSHOT_DEVICES}."}
     )
