@@ -59,22 +59,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def plain_model(model):
-    """A GGUF-loaded model is flagged as quantized (its weights are already de-quantised float tensors) and ``Trainer``
-    refuses to fine-tune it; rebuild the same weights as an ordinary model."""
-    if getattr(model, "hf_quantizer", None) is None:
-        return model
-    from transformers import AutoModelForCausalLM
-
-    config = model.config.__class__.from_dict(model.config.to_dict())
-    for attr in ("gguf_file", "quantization_config"):
-        if hasattr(config, attr):
-            delattr(config, attr)
-    fresh = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
-    fresh.load_state_dict(model.state_dict())
-    return fresh.eval()
-
-
 def train_lora(model, dataset, args: argparse.Namespace, run_dir: str) -> list[dict]:
     """One pass of `transformers.Trainer` over the calibration windows; returns the log history."""
     from transformers import Trainer, TrainingArguments
@@ -150,11 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.pruned_dir:
         info = load_output_dir(args.pruned_dir)
         model, tokenizer = load_model_and_tokenizer(args.pruned_dir, dtype="float32")
-        model = plain_model(model)
         masks, ps_config, method = info.load_masks(), info.config, info.method
     else:
         model, tokenizer = load_model_and_tokenizer(args.model, dtype="float32")
-        model = plain_model(model)
         if not args.no_baseline_eval:
             print("dense model:", flush=True)
             results["ppl_dense"] = ppl(model)

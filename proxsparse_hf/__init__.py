@@ -30,6 +30,12 @@ _LAZY: dict[str, str] = {
     "sparsity_report": "report",
     "SparsityReport": "report",
     "MaskLearner": "learner",
+    "get_sparse_peft_model": "sparse_lora",
+    "load_sparse_peft_model": "sparse_lora",
+    "merge_sparse": "sparse_lora",
+    "sparse_lora_masks": "sparse_lora",
+    "SparseLoraConfig": "sparse_lora",
+    "SparseLoraLinear": "sparse_lora",
     "prune": "baselines",
     "EvalResults": "evaluation",
     "evaluate_model": "evaluation",
@@ -91,4 +97,12 @@ if TYPE_CHECKING:  # pragma: no cover
     from .prox import prox_2to4, prox_2to4_  # noqa: F401
     from .regularizers import frozen_weight_grad, frozen_weight_regularizer, regularizer_2to4  # noqa: F401
     from .report import SparsityReport, sparsity_report  # noqa: F401
+    from .sparse_lora import (  # noqa: F401
+        SparseLoraConfig,
+        SparseLoraLinear,
+        get_sparse_peft_model,
+        load_sparse_peft_model,
+        merge_sparse,
+        sparse_lora_masks,
+    )
     from .targets import Target, find_targets  # noqa: F401
