@@ -178,6 +178,10 @@ def test_learn_on_the_real_model(tmp_path, capsys):
             "1",
             "--lambda1",
             "0.5",
+            # the first and last decoder blocks keep this CPU test to ~1 min (the whole model's prox takes minutes per
+            # step on 2 cores; the GPU benchmarks learn all 210 targets)
+            "--target-modules",
+            r"model\.layers\.(0|29)\..*",
             "--device",
             "cpu",
             "--output-dir",
@@ -186,6 +190,9 @@ def test_learn_on_the_real_model(tmp_path, capsys):
     )
     assert rc == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert summary["target_layers"] == 210 and summary["layers_2to4"] == 210
+    assert summary["target_layers"] == 14 and summary["layers_2to4"] == 14
     result = load_output_dir(tmp_path / "out")
-    assert result.report.all_2to4 and abs(result.report.target_sparsity - 0.5) < 1e-6
+    # exactly 2 kept per group; a few kept weights of this Q4_1 model are themselves exact zeros
+    assert result.report.all_2to4 and 0.5 <= result.report.target_sparsity < 0.501
+    masks = result.load_masks()
+    assert all(int(m.sum()) * 2 == m.numel() for m in masks.values())
