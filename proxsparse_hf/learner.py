@@ -282,7 +282,3 @@ class MaskLearner:
                 f"not written with ProxSparseCallback, so the original weights cannot be recovered."
             )
         return load_file(path)
-
-
-def _finite(value: float) -> bool:
-    return not (math.isnan(value) or math.isinf(value))
