@@ -16,8 +16,8 @@ HUB_TOKEN = "hf_test_alice"
 HUB_OTHER_TOKEN = "hf_test_bob"
 
 
-def _start_hub() -> tuple[subprocess.Popen, str, str]:
-    data_dir = tempfile.mkdtemp(prefix="minihub-")
+def start_minihub(data_dir: str) -> tuple[subprocess.Popen, str]:
+    """Start a minihub server on 127.0.0.1 (users alice and bob) storing its repos in ``data_dir``; returns (process, url)."""
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -27,7 +27,7 @@ def _start_hub() -> tuple[subprocess.Popen, str, str]:
             "--port",
             "0",
             "--data-dir",
-            data_dir,
+            str(data_dir),
             "--token",
             f"alice={HUB_TOKEN}",
             "--token",
@@ -41,8 +41,14 @@ def _start_hub() -> tuple[subprocess.Popen, str, str]:
     if not line.startswith("MINIHUB_READY "):
         proc.kill()
         raise RuntimeError(f"minihub did not start: {line!r}")
+    return proc, line.split(" ", 1)[1]
+
+
+def _start_hub() -> tuple[subprocess.Popen, str, str]:
+    data_dir = tempfile.mkdtemp(prefix="minihub-")
+    proc, url = start_minihub(data_dir)
     atexit.register(proc.terminate)
-    return proc, line.split(" ", 1)[1], data_dir
+    return proc, url, data_dir
 
 
 # The Hub client reads its endpoint at import time: start the server and point the environment at it first.

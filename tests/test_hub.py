@@ -6,13 +6,12 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import threading
 import uuid
 
 import pytest
 import torch
-from conftest import HUB_OTHER_TOKEN, HUB_TOKEN, HUBSERVER
+from conftest import HUB_OTHER_TOKEN, HUB_TOKEN, start_minihub
 from huggingface_hub import HfApi, hf_hub_download
 from test_export import assert_state_equal
 from tiny_models import tiny_model
@@ -232,26 +231,8 @@ class _KillingProxy:
 
 
 def _start_minihub(data_dir) -> tuple[subprocess.Popen, int]:
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            HUBSERVER,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--data-dir",
-            str(data_dir),
-            "--token",
-            f"alice={HUB_TOKEN}",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    line = proc.stdout.readline().strip()
-    assert line.startswith("MINIHUB_READY "), line
-    return proc, int(line.rsplit(":", 1)[1])
+    proc, url = start_minihub(data_dir)
+    return proc, int(url.rsplit(":", 1)[1])
 
 
 def _snapshot(path):
