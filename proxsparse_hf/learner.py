@@ -33,7 +33,7 @@ from .distributed import (
     local_tensor,
     shard_targets,
 )
-from .masks import apply_2to4_masks, count_mask_flips, mask_2to4
+from .masks import apply_2to4_masks, count_mask_flips, extract_2to4_masks, mask_2to4
 from .prox import prox_2to4, prox_2to4_
 from .regularizers import frozen_weight_grad, regularizer_2to4
 from .targets import Target
@@ -231,9 +231,7 @@ class MaskLearner:
         (a collective)."""
         masks: dict[str, torch.Tensor] = {}
         if not self.sharded:
-            for t in self.targets.values():
-                mask = mask_2to4(t.grouped(t.weight.detach()).contiguous())
-                masks[t.param_name] = mask.t().contiguous() if t.transposed else mask
+            masks = extract_2to4_masks(self.model, targets=self.targets)
             apply_2to4_masks(self.model, masks, self.original)
         else:
             for s in self.shards.values():
