@@ -15,6 +15,7 @@ __all__ = ["ProxSparseConfig"]
 
 LAMBDA_SCHEDULES = ("constant", "lr_scaled", "ramp")
 LAMBDA_SCALINGS = ("none", "weight_scale")
+IMPORTANCES = ("magnitude", "activation")
 SOLVER_BACKENDS = ("auto", "torch", "triton")
 SNAPSHOT_DEVICES = ("cpu", "same")
 
@@ -42,6 +43,12 @@ class ProxSparseConfig:
         lambda_scaling: ``"none"`` uses ``λ1`` as given for every layer (the paper). ``"weight_scale"`` divides ``λ1`` by
             each layer's RMS weight at the start, so the prox strength is the same for all layers relative to their scale
             (``R`` is cubic in ``|w|``: a global ``λ1`` is far weaker on small-scale layers).
+        importance: The per-weight score the regulariser and the final top-2 selection act on. ``"magnitude"`` (the
+            paper): ``|W|``. ``"activation"``: ``|W_ij|·s_j`` with ``s_j`` the RMS-normalised norm of input feature ``j``
+            over the first ``importance_batches`` training batches (Wanda's score). The prox then runs in the scaled
+            coordinates ``W·s`` (a diagonal-metric proximal step) and the mask keeps the two best scores per group, so a
+            mask that freezes early freezes at Wanda's choice instead of magnitude's.
+        importance_batches: Training batches used to measure the input-feature norms for ``importance="activation"``.
         prox_every_n_steps: Apply the prox operator every this many optimizer steps (>= 1).
         target_modules: ``"all-linear"`` (every Linear/Conv1D in the decoder blocks, never embeddings or the output layer),
             a list of module-name suffixes, or a regex that must match the full module name.
@@ -75,6 +82,13 @@ class ProxSparseConfig:
     lambda_scaling: str = field(
         default="none",
         metadata={"help": f"Per-layer scaling of lambda1: one of {LAMBDA_SCALINGS}; 'none' is the paper's."},
+    )
+    importance: str = field(
+        default="magnitude",
+        metadata={"help": f"Score the prox and the final top-2 act on: one of {IMPORTANCES}; 'magnitude' is the paper's."},
+    )
+    importance_batches: int = field(
+        default=16, metadata={"help": "Batches used to measure input-feature norms for importance='activation' (>= 1)."}
     )
     prox_every_n_steps: int = field(default=1, metadata={"help": "Apply the prox every N optimizer steps (>= 1)."})
     target_modules: str | list[str] = field(
@@ -120,6 +134,14 @@ class ProxSparseConfig:
             raise bad("lambda_schedule", f"one of {LAMBDA_SCHEDULES}")
         if self.lambda_scaling not in LAMBDA_SCALINGS:
             raise bad("lambda_scaling", f"one of {LAMBDA_SCALINGS}")
+        if self.importance not in IMPORTANCES:
+            raise bad("importance", f"one of {IMPORTANCES}")
+        if (
+            not isinstance(self.importance_batches, int)
+            or isinstance(self.importance_batches, bool)
+            or self.importance_batches < 1
+        ):
+            raise bad("importance_batches", "an integer >= 1")
         if (
             not isinstance(self.prox_every_n_steps, int)
             or isinstance(self.prox_every_n_steps, bool)

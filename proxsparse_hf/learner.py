@@ -18,11 +18,12 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from tqdm.auto import tqdm
 
 from .config import ProxSparseConfig
 from .distributed import (
@@ -33,16 +34,20 @@ from .distributed import (
     local_tensor,
     shard_targets,
 )
+from .modeling import input_device
 from .masks import apply_2to4_masks, count_mask_flips, extract_2to4_masks, mask_2to4
 from .prox import prox_2to4, prox_2to4_
 from .regularizers import frozen_weight_grad, regularizer_2to4
 from .targets import Target
 
-__all__ = ["SNAPSHOT_NAME", "MaskLearner"]
+__all__ = ["INPUT_NORMS_NAME", "SNAPSHOT_NAME", "MaskLearner"]
 
 logger = logging.getLogger(__name__)
 
 SNAPSHOT_NAME = "proxsparse_original_weights.safetensors"
+INPUT_NORMS_NAME = "proxsparse_input_norms.safetensors"
+# lower bound of a normalised input-feature scale (importance="activation"): dead features get a tiny, non-zero scale
+_MIN_COLUMN_SCALE = 1e-3
 
 
 class MaskLearner:
@@ -53,6 +58,9 @@ class MaskLearner:
         config: the recipe.
         original: original target weights ``{weight_name: tensor}`` (e.g. restored from a checkpoint); snapshotted from the
             model when None.
+        input_norms: for ``config.importance="activation"``, ``‖X_j‖₂`` per input feature of every target
+            (``{weight_name: 1-D tensor}``, e.g. restored from a checkpoint); otherwise measure them with
+            :meth:`measure_input_norms` before the first prox step.
 
     Distributed training (DDP, FSDP2 ``DTensor``, FSDP1 ``use_orig_params=True``, ``device_map``): ``self.shards``
     describes what this rank holds of each target (see :mod:`proxsparse_hf.distributed`); the snapshot, the prox and
@@ -61,7 +69,11 @@ class MaskLearner:
     """
 
     def __init__(
-        self, model: nn.Module, config: ProxSparseConfig, original: Mapping[str, torch.Tensor] | None = None
+        self,
+        model: nn.Module,
+        config: ProxSparseConfig,
+        original: Mapping[str, torch.Tensor] | None = None,
+        input_norms: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         self.model = model
         self.config = config
@@ -76,6 +88,11 @@ class MaskLearner:
         # state_dict name; equal to `Target.param_name` unless an FSDP1 wrapper inserted name parts).
         self.shards: dict[str, TargetShard] = shard_targets(self.targets, model)
         self.sharded = is_sharded(self.shards)
+        if config.importance == "activation" and self.sharded:
+            raise ValueError(
+                "`importance`='activation' supports one process, DDP and device_map training (whole weights per rank); "
+                "with FSDP-sharded weights use importance='magnitude'."
+            )
         device = None if config.snapshot_device == "same" else torch.device("cpu")
         if original is None:
             original = {s.name: s.local(s.target.weight.detach()) for s in self.shards.values()}
@@ -90,6 +107,9 @@ class MaskLearner:
             s.name: original[s.name].detach().to(device or s.local(s.target.weight).device, copy=True)
             for s in self.shards.values()
         }
+        # Per-input-feature scale s (importance="activation"), shaped to broadcast over `shard.grouped(...)`.
+        self.column_scale: dict[str, torch.Tensor] = {}
+        self.input_norms: dict[str, torch.Tensor] = {}
         # Per-layer prox strength multiplier: 1/RMS(W0) for lambda_scaling="weight_scale" (see ProxSparseConfig).
         self.layer_scale: dict[str, float] = {}
         if config.lambda_scaling == "weight_scale" and self.sharded:  # RMS of the full weight from per-rank sums
@@ -110,6 +130,91 @@ class MaskLearner:
             else:
                 self.layer_scale[s.name] = 1.0
         self._last_masks: dict[str, torch.Tensor] | None = None
+        if input_norms is not None:
+            self.set_input_norms(input_norms)
+
+    # ------------------------------------------------------------------ importance="activation"
+    @property
+    def needs_input_norms(self) -> bool:
+        """True while ``importance="activation"`` still lacks the input-feature norms."""
+        return self.config.importance == "activation" and not self.column_scale
+
+    @torch.no_grad()
+    def measure_input_norms(self, batches: Iterable[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Run the model (eval mode, no grad) on the first ``config.importance_batches`` of ``batches`` (dicts of model
+        inputs; ``labels`` are dropped), record ``‖X_j‖₂`` of every target's input features and install them with
+        :meth:`set_input_norms`. Returns the norms (CPU, float32)."""
+        sums: dict[str, torch.Tensor] = {}
+        handles = []
+
+        def hook_for(name: str):
+            def hook(module: nn.Module, args: tuple) -> None:
+                x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+                total = (x * x).sum(dim=0).double()
+                sums[name] = total if name not in sums else sums[name] + total.to(sums[name].device)
+
+            return hook
+
+        for s in self.shards.values():
+            handles.append(s.target.module.register_forward_pre_hook(hook_for(s.name)))
+        was_training = self.model.training
+        device = input_device(self.model)
+        self.model.eval()
+        seen = 0
+        try:
+            for batch in tqdm(
+                batches, total=self.config.importance_batches, desc="ProxSparse input norms", leave=False
+            ):
+                inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items() if k != "labels"}
+                self.model(**inputs)
+                seen += 1
+                if seen >= self.config.importance_batches:
+                    break
+        finally:
+            for handle in handles:
+                handle.remove()
+            self.model.train(was_training)
+        missing = [s.name for s in self.shards.values() if s.name not in sums]
+        if missing:
+            raise RuntimeError(
+                f"Measuring input norms: {len(missing)} target(s) (e.g. `{missing[0]}`) saw no input in {seen} batch(es); "
+                f"give at least one batch that runs the whole model."
+            )
+        norms = {name: total.sqrt().float().cpu() for name, total in sums.items()}
+        self.set_input_norms(norms)
+        logger.info("ProxSparse: input-feature norms measured on %d batch(es) for importance='activation'", seen)
+        return norms
+
+    @torch.no_grad()
+    def set_input_norms(self, input_norms: Mapping[str, torch.Tensor]) -> None:
+        """Install ``‖X_j‖₂`` per input feature of every target (``importance="activation"``): the scale used by the prox
+        is ``s = norms / RMS(norms)`` (floored at 1e-3), and ``lambda_scaling="weight_scale"`` uses RMS(W0·s)."""
+        if self.config.importance != "activation":
+            raise ValueError(f"Input norms are only used with `importance`='activation' (got {self.config.importance!r}).")
+        for s in self.shards.values():
+            if s.name not in input_norms:
+                raise KeyError(f"The input norms have no entry for target `{s.name}`.")
+            in_features = s.grouped(self.original[s.name]).shape[-1]
+            norms = torch.as_tensor(input_norms[s.name]).detach().float().reshape(-1)
+            if norms.numel() != in_features or not bool(torch.isfinite(norms).all()) or bool((norms < 0).any()):
+                raise ValueError(
+                    f"Input norms of `{s.name}`: expected {in_features} finite values >= 0, got shape "
+                    f"{tuple(input_norms[s.name].shape)}."
+                )
+            rms = float(norms.pow(2).mean().sqrt())
+            scale = (norms / rms if rms > 0 else torch.ones_like(norms)).clamp_min(_MIN_COLUMN_SCALE)
+            device = s.local(s.target.weight).device
+            self.input_norms[s.name] = norms.cpu()
+            self.column_scale[s.name] = scale.to(device)
+            if self.config.lambda_scaling == "weight_scale":
+                scaled = s.grouped(self.original[s.name]).float() * scale.to(self.original[s.name].device)
+                rms_w = float(scaled.pow(2).mean().sqrt())
+                self.layer_scale[s.name] = 1.0 / rms_w if rms_w > 0 else 1.0
+
+    def _scores(self, s: TargetShard, view: torch.Tensor) -> torch.Tensor:
+        """The values the regulariser and the top-2 rule act on: the grouped weights, times ``s`` for activation."""
+        scale = self.column_scale.get(s.name)
+        return view.contiguous() if scale is None else view.float() * scale.to(view.device)
 
     # ------------------------------------------------------------------ parameters
     def freeze_non_targets(self) -> int:
@@ -165,6 +270,11 @@ class MaskLearner:
         lam = self.lambda_at(step, max_steps, lr)
         if lam <= 0:
             return False
+        if self.needs_input_norms:
+            raise RuntimeError(
+                "`importance`='activation': measure the input norms (MaskLearner.measure_input_norms) before the first "
+                "prox step."
+            )
         for s in self.shards.values():
             layer_lam = lam * self.layer_scale[s.name]
             view = s.grouped(s.local(s.target.weight.data))  # this rank's shard only
@@ -173,7 +283,12 @@ class MaskLearner:
             kwargs = dict(
                 max_iter=self.config.solver_max_iter, tol=self.config.solver_tol, backend=self.config.solver_backend
             )
-            if view.is_contiguous():
+            scale = self.column_scale.get(s.name)
+            if scale is not None:  # prox in the scaled coordinates W·s (fp32 work copy of one layer)
+                work = view.float() * scale
+                prox_2to4_(work, layer_lam, **kwargs)
+                view.copy_(work.div_(scale))
+            elif view.is_contiguous():
                 prox_2to4_(view, layer_lam, **kwargs)
             else:
                 view.copy_(prox_2to4(view.contiguous(), layer_lam, **kwargs))
@@ -201,10 +316,11 @@ class MaskLearner:
             nonzero = (view.reshape(-1, 4) != 0).sum(dim=1)
             groups += scale * nonzero.numel()
             ok += scale * int((nonzero <= 2).sum())
-            reg += scale * float(regularizer_2to4(view.contiguous()))
+            scores = self._scores(s, view)
+            reg += scale * float(regularizer_2to4(scores))
             dist_sum += scale * float((weight.float() - self.original[s.name].to(weight.device).float()).abs().sum())
             numel += scale * weight.numel()
-            mask = mask_2to4(view.contiguous())
+            mask = mask_2to4(scores)
             if self._last_masks is not None:
                 flips += scale * count_mask_flips(self._last_masks[s.name], mask)
             masks[s.name] = mask
@@ -230,7 +346,9 @@ class MaskLearner:
         With sharded weights every rank masks its own shard and the returned masks are the full masks, gathered on CPU
         (a collective)."""
         masks: dict[str, torch.Tensor] = {}
-        if not self.sharded:
+        if self.needs_input_norms:
+            raise RuntimeError("`importance`='activation': the input norms were never measured; no mask can be chosen.")
+        if not self.sharded and not self.column_scale:
             masks = extract_2to4_masks(self.model, targets=self.targets)
             apply_2to4_masks(self.model, masks, self.original)
         else:
@@ -238,7 +356,7 @@ class MaskLearner:
                 local = s.local(s.target.weight.data)
                 view = s.grouped(local)
                 local_mask = torch.zeros(local.shape, dtype=torch.bool, device=local.device)
-                s.grouped(local_mask).copy_(mask_2to4(view.contiguous()))  # storage layout of the local shard
+                s.grouped(local_mask).copy_(mask_2to4(self._scores(s, view)))  # storage layout of the local shard
                 kept = self.original[s.name].to(device=local.device, dtype=local.dtype)
                 local.copy_(torch.where(local_mask, kept, torch.zeros((), dtype=local.dtype, device=local.device)))
                 masks[s.name] = s.gather(local_mask)
@@ -265,10 +383,21 @@ class MaskLearner:
             tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.original.items()}
         if not write:
             return path
+        if self.input_norms:  # importance="activation": the scale must survive a resume unchanged
+            norms_path = os.path.join(os.fspath(directory), INPUT_NORMS_NAME)
+            tmp = f"{norms_path}.tmp-{os.getpid()}"
+            save_file({k: v.contiguous() for k, v in self.input_norms.items()}, tmp)
+            os.replace(tmp, norms_path)
         tmp = f"{path}.tmp-{os.getpid()}"
         save_file(tensors, tmp)
         os.replace(tmp, path)
         return path
+
+    @staticmethod
+    def load_input_norms(directory: str | os.PathLike) -> dict[str, torch.Tensor] | None:
+        """The input-feature norms saved beside a snapshot (``importance="activation"``), or None when there are none."""
+        path = os.path.join(os.fspath(directory), INPUT_NORMS_NAME)
+        return load_file(path) if os.path.isfile(path) else None
 
     @staticmethod
     def load_snapshot(directory: str | os.PathLike) -> dict[str, torch.Tensor]:

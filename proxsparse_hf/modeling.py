@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["DTYPES", "load_model_and_tokenizer", "model_revision", "resolve_dtype"]
+__all__ = ["DTYPES", "input_device", "load_model_and_tokenizer", "model_revision", "resolve_dtype"]
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +24,13 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
     if dtype not in DTYPES:
         raise ValueError(f"`dtype`={dtype!r} is invalid; allowed: 'auto', {', '.join(repr(d) for d in DTYPES)}.")
     return DTYPES[dtype]
+
+
+def input_device(model: torch.nn.Module) -> torch.device:
+    """Where the model's inputs go: the device of its first parameter (the embeddings, also under ``device_map``)."""
+    for param in model.parameters():
+        return param.device
+    return torch.device("cpu")
 
 
 def model_revision(model) -> str | None:

@@ -107,12 +107,15 @@ class ProxSparseCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._prepare_model(model)
-        original = None
+        original = norms = None
         if state.global_step > 0:
             checkpoint = os.path.join(args.output_dir, f"{_CHECKPOINT_PREFIX}-{state.global_step}")
             original = MaskLearner.load_snapshot(checkpoint)
+            norms = MaskLearner.load_input_norms(checkpoint) if self.config.importance == "activation" else None
             logger.info("ProxSparse: resumed the original-weight snapshot from %s", checkpoint)
-        self.learner = MaskLearner(model, self.config, original=original)
+        self.learner = MaskLearner(model, self.config, original=original, input_norms=norms)
+        if self.learner.needs_input_norms:
+            self.learner.measure_input_norms(_calibration_batches(kwargs.get("train_dataloader"), args))
         self._non_target_original = self.learner.non_target_snapshot() if self.config.train_non_target_params else {}
         if not any(t.weight.requires_grad for t in self.learner.targets.values()):
             raise ValueError("ProxSparseCallback: no trainable target parameters.")
@@ -190,3 +193,24 @@ class ProxSparseCallback(TrainerCallback):
             len(self.report.layers),
             100 * self.report.target_sparsity,
         )
+
+
+def _calibration_batches(train_dataloader: Any, args: Any) -> Any:
+    """The training data in dataset order, without shuffling and without touching the Trainer's own loader (its
+    iteration state and random seed): the batches ``importance="activation"`` measures input norms on."""
+    if train_dataloader is None:
+        raise ValueError(
+            "ProxSparseConfig(importance='activation') needs the training data to measure input norms, but the Trainer "
+            "passed no train_dataloader to the callback."
+        )
+    from torch.utils.data import DataLoader, IterableDataset
+
+    dataset = getattr(train_dataloader, "dataset", None)
+    if dataset is None or isinstance(dataset, IterableDataset):
+        return train_dataloader  # an iterable dataset cannot be re-read in order: take its first batches
+    return DataLoader(
+        dataset,
+        batch_size=args.per_device_train_batch_size,
+        shuffle=False,
+        collate_fn=train_dataloader.collate_fn,
+    )

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..data import TokenWindows
+from ..modeling import input_device
 from ..targets import Target, decoder_block_prefixes
 
 __all__ = ["BlockInputs", "CalibrationBatches", "capture_block_inputs", "find_decoder_blocks", "run_sequential"]
@@ -139,15 +140,9 @@ def _call_block(block: nn.Module, inputs: BlockInputs, index: int, hidden: torch
     return _block_output(block(hidden, *inputs.args[index], **inputs.kwargs[index]))
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    for param in model.parameters():
-        return param.device
-    return torch.device("cpu")
-
-
 def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, data: CalibrationBatches) -> BlockInputs:
     """Run the model up to block 0 for every batch and record block 0's inputs (hidden states on the model's device)."""
-    device = _model_device(model)
+    device = input_device(model)
     captured = BlockInputs(hidden=[], args=[], kwargs=[])
 
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -215,7 +210,7 @@ def run_sequential(
     """
     prefix, blocks = find_decoder_blocks(model)
     per_block = _targets_by_block(targets, prefix, len(blocks))
-    device = _model_device(model)
+    device = input_device(model)
     inputs = capture_block_inputs(model, blocks, data)
     last = max((k for k, t in enumerate(per_block) if t), default=-1)
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..data import load_texts, tokenize_windows
-from ..modeling import resolve_dtype
+from ..modeling import input_device, resolve_dtype
 
 __all__ = [
     "C4_EVAL_DOCS",
@@ -138,12 +138,6 @@ def _resolve_seq_len(model: nn.Module, seq_len: int | None) -> int:
     return seq_len
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    for param in model.parameters():
-        return param.device
-    return torch.device("cpu")
-
-
 @torch.no_grad()
 def window_nll(
     model: nn.Module, windows: torch.Tensor, *, batch_size: int = 1, progress: bool = False
@@ -151,7 +145,7 @@ def window_nll(
     """Summed next-token NLL (float64) of every window ``[N, L]`` scored independently; returns ``[N]``."""
     from tqdm.auto import tqdm
 
-    device = _model_device(model)
+    device = input_device(model)
     totals = torch.zeros(windows.shape[0], dtype=torch.float64)
     starts = range(0, windows.shape[0], batch_size)
     for start in tqdm(starts, desc="perplexity", unit="batch", disable=not progress):
