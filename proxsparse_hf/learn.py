@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import ProxSparseConfig
+from .config import ProxSparseConfig, recipe_learning_rate
 from .report import SparsityReport
 
 __all__ = ["LearnResult", "learn_mask", "warmup_arguments"]
@@ -67,7 +67,7 @@ def learn_mask(
     train_dataset,
     config: ProxSparseConfig,
     *,
-    learning_rate: float = 1e-4,
+    learning_rate: float | None = None,
     num_train_epochs: float = 1.0,
     max_steps: int = -1,
     per_device_train_batch_size: int = 1,
@@ -93,7 +93,8 @@ def learn_mask(
     :class:`trainer_callbacks.ProxSparseCallback`; at the end ``model`` holds ``original ⊙ mask``.
     With ``distill_alpha > 0`` the loss is ``alpha · KD + (1 − alpha) · LM`` against a frozen copy of the dense model
     (:class:`~proxsparse_hf.distill.DistillationTrainer`; costs one more model in memory and one more forward per step).
-    Extra keyword arguments go to ``TrainingArguments``.
+    ``learning_rate`` defaults to the one the config's recipe was measured with (:func:`recipe_learning_rate`: 3e-3 for
+    ``importance="activation"``, 1e-4 otherwise). Extra keyword arguments go to ``TrainingArguments``.
 
     Multi-GPU: launch the calling script with ``accelerate launch`` (DDP, or FSDP from the accelerate config, e.g.
     ``examples/accelerate_fsdp2.yaml``) or ``torchrun``; ``fsdp`` / ``fsdp_config`` are passed to ``TrainingArguments``
@@ -104,6 +105,8 @@ def learn_mask(
 
     from trainer_callbacks import ProxSparseCallback
 
+    if learning_rate is None:
+        learning_rate = recipe_learning_rate(config)
     if learning_rate <= 0:
         raise ValueError(f"`learning_rate`={learning_rate!r} must be > 0.")
     if len(train_dataset) == 0:

@@ -126,3 +126,45 @@ def test_errors():
     plain = MaskLearner(model, ProxSparseConfig(lambda1=1.0))
     with pytest.raises(ValueError, match="only used with `importance`='activation'"):
         plain.set_input_norms(norms)
+
+
+def test_recipes():
+    from proxsparse_hf.config import RECIPES, recipe_learning_rate
+
+    rec = ProxSparseConfig.recommended()
+    assert (rec.importance, rec.lambda_scaling, rec.lambda1) == ("activation", "weight_scale", 0.03)
+    assert recipe_learning_rate(rec) == 3e-3
+    pub = ProxSparseConfig.from_recipe("published", lambda1=8.0)
+    assert (pub.importance, pub.lambda_scaling, pub.lambda1) == ("magnitude", "none", 8.0)
+    assert recipe_learning_rate(pub) == 1e-4 == RECIPES["published"]["learning_rate"]
+    assert ProxSparseConfig.recommended(lambda2=1.0).lambda2 == 1.0
+    with pytest.raises(ValueError, match="`recipe`='best' is invalid; allowed: one of"):
+        ProxSparseConfig.from_recipe("best")
+    with pytest.raises(ValueError, match="`lambda1`=-1"):
+        ProxSparseConfig.recommended(lambda1=-1)
+
+
+@pytest.mark.parametrize("recipe", ["recommended", "published"])
+def test_cli_recipe_sets_config_and_learning_rate(recipe, tmp_path, capsys):
+    import json
+
+    from tiny_models import tiny_corpus, tiny_tokenizer
+
+    from proxsparse_hf.cli import main
+    from proxsparse_hf.outputs import load_output_dir
+
+    tiny_model("llama").save_pretrained(tmp_path / "model")
+    tiny_tokenizer().save_pretrained(tmp_path / "model")
+    (tmp_path / "calib.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in tiny_corpus(20)))
+    argv = ["learn", str(tmp_path / "model"), "--dataset", str(tmp_path / "calib.jsonl"), "--seq-len", "32"]
+    argv += ["--n-samples", "4", "--max-steps", "2", "--device", "cpu", "--output-dir", str(tmp_path / "out")]
+    assert main([*argv, "--recipe", recipe]) == 0
+    result = load_output_dir(tmp_path / "out")
+    expected = ProxSparseConfig.from_recipe(recipe)
+    assert (result.config.importance, result.config.lambda_scaling, result.config.lambda1) == (
+        expected.importance,
+        expected.lambda_scaling,
+        expected.lambda1,
+    )
+    assert result.run_info["training"]["learning_rate"] == (3e-3 if recipe == "recommended" else 1e-4)
+    assert result.report.all_2to4

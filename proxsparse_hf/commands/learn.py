@@ -42,11 +42,19 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--config", default=None, help="start from a saved ProxSparseConfig (folder or Hub id); flags override"
     )
+    p.add_argument(
+        "--recipe",
+        default="recommended",
+        choices=["recommended", "published"],
+        help="starting point of the config and learning rate (ignored for fields --config sets): 'recommended' "
+        "(activation importance, per-layer lambda, lambda1 0.03, lr 3e-3) or 'published' (the paper's setting)",
+    )
     p.add_argument("--lambda1", type=float, default=None)
     p.add_argument("--lambda2", type=float, default=None)
     p.add_argument("--epsilon", type=float, default=None)
     p.add_argument("--lambda-schedule", default=None, choices=["constant", "lr_scaled", "ramp"])
     p.add_argument("--lambda-scaling", default=None, choices=["none", "weight_scale"])
+    p.add_argument("--importance", default=None, choices=["magnitude", "activation"])
     p.add_argument("--target-modules", type=_str_list, default=None, help="'all-linear', 'q_proj,v_proj', or a regex")
     p.add_argument("--exclude-modules", type=_str_list, default=None)
     p.add_argument("--solver-backend", default=None, choices=["auto", "torch", "triton"])
@@ -54,7 +62,7 @@ def register(subparsers) -> argparse.ArgumentParser:
         "--distill-alpha", type=float, default=0.0, help="weight of distillation from the dense model (0-1)"
     )
     p.add_argument("--distill-temperature", type=float, default=1.0)
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: the recipe's, 3e-3 or 1e-4)")
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--max-steps", type=int, default=-1)
     p.add_argument("--batch-size", type=int, default=1)
@@ -92,6 +100,7 @@ def build_config(args: argparse.Namespace):
         "epsilon": args.epsilon,
         "lambda_schedule": args.lambda_schedule,
         "lambda_scaling": args.lambda_scaling,
+        "importance": args.importance,
         "target_modules": args.target_modules,
         "exclude_modules": args.exclude_modules,
         "solver_backend": args.solver_backend,
@@ -99,7 +108,7 @@ def build_config(args: argparse.Namespace):
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if args.config:
         return ProxSparseConfig.from_pretrained(args.config, **overrides)
-    return ProxSparseConfig(**overrides)
+    return ProxSparseConfig.from_recipe(args.recipe, **overrides)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -111,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     for name in ("seq_len", "n_samples", "batch_size", "grad_accum", "logging_steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"`--{name.replace('_', '-')}`={getattr(args, name)} must be >= 1.")
-    if args.lr <= 0:
+    if args.lr is not None and args.lr <= 0:
         raise ValueError(f"`--lr`={args.lr} must be > 0.")
     fsdp_config = _fsdp_config(args)
 
