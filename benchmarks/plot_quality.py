@@ -2,7 +2,8 @@
 
     python benchmarks/plot_quality.py benchmarks/results/quality_smollm2_h200.json
 
-writes ``<result>_ppl.png`` and ``<result>_telemetry.png`` beside the JSON.
+writes ``<result>_ppl.png`` and ``<result>_telemetry.png`` beside the JSON. ``--runs a,b`` keeps (and orders) a subset of
+the runs; ``--telemetry-runs`` does the same for the telemetry figure (default: the ProxSparse runs among ``--runs``).
 """
 
 from __future__ import annotations
@@ -47,12 +48,25 @@ def plot_perplexity(result: dict, path: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("result")
+    parser.add_argument("--runs", default=None, help="comma-separated run names to plot, in order (default: all)")
+    parser.add_argument("--telemetry-runs", default=None, help="comma-separated runs for the telemetry figure")
     args = parser.parse_args()
     with open(args.result, encoding="utf-8") as fh:
         result = json.load(fh)
+    by_name = {r["name"]: r for r in result["runs"]}
+
+    def select(names: str | None) -> list[dict]:
+        if names is None:
+            return result["runs"]
+        missing = [n for n in names.split(",") if n not in by_name]
+        if missing:
+            raise SystemExit(f"unknown run(s) {missing}; the result has {sorted(by_name)}")
+        return [by_name[n] for n in names.split(",")]
+
     stem = os.path.splitext(args.result)[0]
-    print(plot_perplexity(result, stem + "_ppl.png"))
-    runs = {r["name"]: r["telemetry"] for r in result["runs"] if r.get("telemetry")}
+    print(plot_perplexity({**result, "runs": select(args.runs)}, stem + "_ppl.png"))
+    chosen = select(args.telemetry_runs or args.runs)
+    runs = {r["name"]: r["telemetry"] for r in chosen if r.get("telemetry")}
     if runs:
         print(plot_telemetry(runs, stem + "_telemetry.png", title="ProxSparse telemetry per run"))
 

@@ -18,6 +18,7 @@ import time
 from transformers import Trainer, TrainingArguments, default_data_collator
 
 from proxsparse_hf import ProxSparseConfig
+from proxsparse_hf.config import recipe_learning_rate
 from proxsparse_hf.data import load_calibration_data
 from proxsparse_hf.learn import warmup_arguments
 from proxsparse_hf.modeling import load_model_and_tokenizer
@@ -42,9 +43,9 @@ def main() -> None:
     parser.add_argument("--doc-stop", type=int, default=1000)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--n-samples", type=int, default=8)
-    parser.add_argument("--lambda1", type=float, default=ProxSparseConfig.lambda1)
-    parser.add_argument("--lambda-scaling", default=ProxSparseConfig.lambda_scaling)
-    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--recipe", default="recommended", choices=["recommended", "published"])
+    parser.add_argument("--lambda1", type=float, default=None, help="override the recipe's lambda1")
+    parser.add_argument("--lr", type=float, default=None, help="learning rate (default: the recipe's)")
     parser.add_argument("--output-dir", default=os.path.join(REPO, "outputs", "smollm2-proxsparse"))
     args = parser.parse_args()
     if args.model is None:
@@ -55,13 +56,14 @@ def main() -> None:
     data = load_calibration_data(
         args.dataset, tokenizer, seq_len=args.seq_len, n_samples=args.n_samples, stop=args.doc_stop
     )
-    config = ProxSparseConfig(lambda1=args.lambda1, lambda_scaling=args.lambda_scaling)
+    overrides = {} if args.lambda1 is None else {"lambda1": args.lambda1}
+    config = ProxSparseConfig.from_recipe(args.recipe, **overrides)  # recommended: activation importance, per-layer λ
     callback = ProxSparseCallback(config)
     trainer = Trainer(
         model=model,
         args=TrainingArguments(
             output_dir=os.path.join(args.output_dir + ".trainer"),
-            learning_rate=args.lr,
+            learning_rate=args.lr or recipe_learning_rate(config),
             num_train_epochs=1,
             per_device_train_batch_size=1,
             **warmup_arguments(0.1),
