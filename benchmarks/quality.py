@@ -34,8 +34,8 @@ from proxsparse_hf.data import load_calibration_data, load_texts, tokenize_windo
 from proxsparse_hf.evaluation import resolve_dataset  # noqa: E402
 from proxsparse_hf.evaluation.perplexity import window_nll  # noqa: E402
 from proxsparse_hf.learn import learn_mask  # noqa: E402
-from proxsparse_hf.modeling import load_model_and_tokenizer  # noqa: E402
 from proxsparse_hf.masks import extract_2to4_masks  # noqa: E402
+from proxsparse_hf.modeling import load_model_and_tokenizer  # noqa: E402
 from proxsparse_hf.outputs import describe_hardware, library_versions  # noqa: E402
 from proxsparse_hf.packing import pack_mask  # noqa: E402
 from proxsparse_hf.targets import find_targets  # noqa: E402

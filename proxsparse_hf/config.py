@@ -36,6 +36,8 @@ def recipe_learning_rate(config: ProxSparseConfig) -> float:
     """The learning rate a config's recipe was measured with: 3e-3 for ``importance="activation"`` (the recommended
     recipe), 1e-4 (the paper's) otherwise."""
     return RECIPES["recommended" if config.importance == "activation" else "published"]["learning_rate"]
+
+
 SOLVER_BACKENDS = ("auto", "torch", "triton")
 SNAPSHOT_DEVICES = ("cpu", "same")
 
@@ -105,10 +107,13 @@ class ProxSparseConfig:
     )
     importance: str = field(
         default="magnitude",
-        metadata={"help": f"Score the prox and the final top-2 act on: one of {IMPORTANCES}; 'magnitude' is the paper's."},
+        metadata={
+            "help": f"Score the prox and the final top-2 act on: one of {IMPORTANCES}; 'magnitude' is the paper's."
+        },
     )
     importance_batches: int = field(
-        default=16, metadata={"help": "Batches used to measure input-feature norms for importance='activation' (>= 1)."}
+        default=16,
+        metadata={"help": "Batches used to measure input-feature norms for importance='activation' (>= 1)."},
     )
     prox_every_n_steps: int = field(default=1, metadata={"help": "Apply the prox every N optimizer steps (>= 1)."})
     target_modules: str | list[str] = field(

@@ -34,8 +34,8 @@ from .distributed import (
     local_tensor,
     shard_targets,
 )
-from .modeling import input_device
 from .masks import apply_2to4_masks, count_mask_flips, extract_2to4_masks, mask_2to4
+from .modeling import input_device
 from .prox import prox_2to4, prox_2to4_
 from .regularizers import frozen_weight_grad, regularizer_2to4
 from .targets import Target
@@ -190,7 +190,9 @@ class MaskLearner:
         """Install ``‖X_j‖₂`` per input feature of every target (``importance="activation"``): the scale used by the prox
         is ``s = norms / RMS(norms)`` (floored at 1e-3), and ``lambda_scaling="weight_scale"`` uses RMS(W0·s)."""
         if self.config.importance != "activation":
-            raise ValueError(f"Input norms are only used with `importance`='activation' (got {self.config.importance!r}).")
+            raise ValueError(
+                f"Input norms are only used with `importance`='activation' (got {self.config.importance!r})."
+            )
         for s in self.shards.values():
             if s.name not in input_norms:
                 raise KeyError(f"The input norms have no entry for target `{s.name}`.")
@@ -347,7 +349,9 @@ class MaskLearner:
         (a collective)."""
         masks: dict[str, torch.Tensor] = {}
         if self.needs_input_norms:
-            raise RuntimeError("`importance`='activation': the input norms were never measured; no mask can be chosen.")
+            raise RuntimeError(
+                "`importance`='activation': the input norms were never measured; no mask can be chosen."
+            )
         if not self.sharded and not self.column_scale:
             masks = extract_2to4_masks(self.model, targets=self.targets)
             apply_2to4_masks(self.model, masks, self.original)
