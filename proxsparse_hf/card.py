@@ -342,6 +342,7 @@ def _hyperparameters(method: str, config: ProxSparseConfig, run_info: Mapping[st
             ("λ2 (frozen-weight regulariser)", _fmt(config.lambda2)),
             ("ε", _fmt(config.epsilon)),
             ("λ1 schedule / scaling", f"{config.lambda_schedule} / {config.lambda_scaling}"),
+            ("importance", "\\|W\\|·‖X‖ (activation)" if config.importance == "activation" else "\\|W\\| (magnitude)"),
             ("prox every n steps", _fmt(config.prox_every_n_steps)),
         ]
     targets = config.target_modules if isinstance(config.target_modules, str) else ", ".join(config.target_modules)

@@ -120,6 +120,7 @@ def test_full_card_metadata_and_sections(output, tmp_path):
         "| λ1 (2:4 regulariser) | 0.3 |",
         "| λ2 (frozen-weight regulariser) | 1 |",
         "| ε | 0.1 |",
+        "| importance | \\|W\\| (magnitude) |",
         "| optimizer steps | 8 |",
         "| calibration tokens | 512 |",
         "| learning rate | 0.0001 |",
