@@ -35,6 +35,7 @@ from .targets import Target, find_targets, is_target_type
 __all__ = [
     "TargetShard",
     "all_reduce_sums",
+    "all_reduce_tensors",
     "clean_name",
     "find_distributed_targets",
     "is_dtensor",
@@ -91,6 +92,18 @@ def _collective_device() -> torch.device:
     if "nccl" in backend and torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def all_reduce_tensors(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Element-wise sums of ``tensors`` over all ranks, as float64 CPU tensors, in one collective (a no-op copy without
+    ``torch.distributed``). Every rank must pass tensors of the same shapes."""
+    flat = [t.detach().reshape(-1).to("cpu", torch.float64) for t in tensors]
+    if world_size() == 1 or not flat:
+        return [f.reshape(t.shape) for f, t in zip(flat, tensors)]
+    buffer = torch.cat(flat).to(_collective_device())
+    torch.distributed.all_reduce(buffer)
+    parts = buffer.cpu().split([f.numel() for f in flat])
+    return [p.reshape(t.shape) for p, t in zip(parts, tensors)]
 
 
 def all_reduce_sums(values: Sequence[float]) -> list[float]:

@@ -29,6 +29,7 @@ from .config import ProxSparseConfig
 from .distributed import (
     TargetShard,
     all_reduce_sums,
+    all_reduce_tensors,
     find_distributed_targets,
     is_sharded,
     local_tensor,
@@ -143,7 +144,10 @@ class MaskLearner:
     def measure_input_norms(self, batches: Iterable[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Run the model (eval mode, no grad) on the first ``config.importance_batches`` of ``batches`` (dicts of model
         inputs; ``labels`` are dropped), record ``‖X_j‖₂`` of every target's input features and install them with
-        :meth:`set_input_norms`. Returns the norms (CPU, float32)."""
+        :meth:`set_input_norms`. Returns the norms (CPU, float32).
+
+        Under ``torch.distributed`` this is a collective: the squared sums are added over ranks, so each rank passes
+        its own share of the data (the callback gives rank ``r`` its slice of every global batch)."""
         sums: dict[str, torch.Tensor] = {}
         handles = []
 
@@ -174,13 +178,20 @@ class MaskLearner:
             for handle in handles:
                 handle.remove()
             self.model.train(was_training)
-        missing = [s.name for s in self.shards.values() if s.name not in sums]
+        # DDP: each rank measured its own part of the data; the sums over ranks are the norms of all of it (a rank
+        # that saw no data still takes part, with zeros)
+        names = [s.name for s in self.shards.values()]
+        width = {s.name: s.grouped(self.original[s.name]).shape[-1] for s in self.shards.values()}
+        seen_by = torch.tensor([float(name in sums) for name in names], dtype=torch.float64)
+        totals = all_reduce_tensors([sums.get(name, torch.zeros(width[name], dtype=torch.float64)) for name in names])
+        seen_by = all_reduce_tensors([seen_by])[0]
+        missing = [name for name, count in zip(names, seen_by.tolist()) if count == 0]
         if missing:
             raise RuntimeError(
                 f"Measuring input norms: {len(missing)} target(s) (e.g. `{missing[0]}`) saw no input in {seen} batch(es); "
                 f"give at least one batch that runs the whole model."
             )
-        norms = {name: total.sqrt().float().cpu() for name, total in sums.items()}
+        norms = {name: total.sqrt().float() for name, total in zip(names, totals)}
         self.set_input_norms(norms)
         logger.info("ProxSparse: input-feature norms measured on %d batch(es) for importance='activation'", seen)
         return norms

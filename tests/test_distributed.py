@@ -182,7 +182,13 @@ def run_fsdp1(family: str, output_dir: str) -> dict:
     return _summary(callback, logs, full)
 
 
-def run_trainer(output_dir: str, world: int, fsdp2_from: str | None = None) -> dict:
+def _activation_config() -> ProxSparseConfig:
+    return ProxSparseConfig(lambda1=0.3, lambda_scaling="weight_scale", importance="activation", importance_batches=3)
+
+
+def run_trainer(
+    output_dir: str, world: int, fsdp2_from: str | None = None, config: ProxSparseConfig | None = None
+) -> dict:
     """``Trainer`` + ``ProxSparseCallback``: DDP over ``world`` processes, or (``fsdp2_from``) FSDP2 applied by
     transformers at load time (``from_pretrained(..., distributed_config=DistributedConfig(fsdp_size=world))``; the
     accelerate FSDP plugin itself refuses CPUs). Ends with ``trainer.save_model()``."""
@@ -201,7 +207,7 @@ def run_trainer(output_dir: str, world: int, fsdp2_from: str | None = None) -> d
             fsdp2_from, distributed_config=DistributedConfig(fsdp_size=world), device_map="cpu"
         )
         assert type(model.model.layers[0].mlp.down_proj.weight).__name__ == "DTensor"
-    callback = ProxSparseCallback(_config())
+    callback = ProxSparseCallback(config or _config())
     args = TrainingArguments(
         output_dir=output_dir,
         learning_rate=LR,
@@ -287,6 +293,16 @@ def straddle_fsdp1() -> str:
     return _error_of(lambda: MaskLearner(model, ProxSparseConfig()))
 
 
+def activation_importance_fsdp2() -> str:
+    """``importance="activation"`` needs whole weights per rank: refused (clearly) on FSDP2-sharded weights."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = _Stack(16, 8)
+    for block in model.layers:
+        fully_shard(block)
+    return _error_of(lambda: MaskLearner(model, ProxSparseConfig(importance="activation")))
+
+
 def fsdp1_without_orig_params() -> str:
     from torch.distributed.fsdp import FullyShardedDataParallel
 
@@ -355,6 +371,9 @@ def _rank_main(rank: int, port: int, out_dir: str) -> None:
     torch.distributed.init_process_group("gloo", rank=rank, world_size=WORLD)
     scenarios = {
         "ddp_trainer": lambda: run_trainer(os.path.join(out_dir, "ddp"), WORLD),
+        "ddp_trainer_activation": lambda: run_trainer(
+            os.path.join(out_dir, "ddp_act"), WORLD, config=_activation_config()
+        ),
         "fsdp2_trainer": lambda: _fsdp2_trainer(out_dir),
         "fsdp2_llama": lambda: run_fsdp2("llama", os.path.join(out_dir, "fsdp2"), save_at=2),
         "fsdp2_gpt2": lambda: run_fsdp2("gpt2", os.path.join(out_dir, "fsdp2_gpt2")),
@@ -363,6 +382,7 @@ def _rank_main(rank: int, port: int, out_dir: str) -> None:
         "straddle_fsdp2_conv1d": straddle_fsdp2_conv1d,
         "straddle_fsdp1": straddle_fsdp1,
         "fsdp1_without_orig_params": fsdp1_without_orig_params,
+        "activation_importance_fsdp2": activation_importance_fsdp2,
         "shard_roundtrip": shard_roundtrip,
     }
     results = {"__dir__": out_dir}
@@ -391,6 +411,7 @@ def reference(tmp_path_factory) -> dict:
         "llama": run_reference("llama", os.path.join(out_dir, "llama"), save_at=2),
         "gpt2": run_reference("gpt2", os.path.join(out_dir, "gpt2")),
         "trainer": run_trainer(os.path.join(out_dir, "trainer"), 1),
+        "trainer_activation": run_trainer(os.path.join(out_dir, "trainer_act"), 1, config=_activation_config()),
         "dir": out_dir,
     }
 
@@ -438,6 +459,13 @@ def test_reference_learns_a_2to4_mask(reference):
 def test_ddp_trainer_gives_single_process_masks(ranks, reference):
     for rank in range(WORLD):
         _assert_same_run(_result(ranks, "ddp_trainer", rank), reference["trainer"])
+
+
+def test_ddp_trainer_with_activation_importance_gives_single_process_masks(ranks, reference):
+    """Each rank measures the input norms on its share of the first global batches; summed over ranks they equal the
+    single-process norms, so the masks are the same."""
+    for rank in range(WORLD):
+        _assert_same_run(_result(ranks, "ddp_trainer_activation", rank), reference["trainer_activation"])
 
 
 def test_fsdp2_trainer_gives_single_process_masks_and_checkpoint(ranks, reference):
@@ -508,6 +536,7 @@ def test_fsdp2_checkpoint_snapshot_matches_single_process(ranks, reference):
             r"\[\d+, \d+\) on rank \d \(local shard shape \(6,\)\); 2:4 groups of 4 input features would straddle",
         ),
         ("fsdp1_without_orig_params", r"FSDP1 without `use_orig_params=True`"),
+        ("activation_importance_fsdp2", r"`importance`='activation' supports one process, DDP and device_map"),
     ],
 )
 def test_group_straddling_shardings_are_refused(ranks, scenario, match):

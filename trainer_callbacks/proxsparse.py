@@ -115,7 +115,8 @@ class ProxSparseCallback(TrainerCallback):
             logger.info("ProxSparse: resumed the original-weight snapshot from %s", checkpoint)
         self.learner = MaskLearner(model, self.config, original=original, input_norms=norms)
         if self.learner.needs_input_norms:
-            self.learner.measure_input_norms(_calibration_batches(kwargs.get("train_dataloader"), args))
+            batches = _calibration_batches(kwargs.get("train_dataloader"), args, self.config.importance_batches)
+            self.learner.measure_input_norms(batches)
         self._non_target_original = self.learner.non_target_snapshot() if self.config.train_non_target_params else {}
         if not any(t.weight.requires_grad for t in self.learner.targets.values()):
             raise ValueError("ProxSparseCallback: no trainable target parameters.")
@@ -195,22 +196,30 @@ class ProxSparseCallback(TrainerCallback):
         )
 
 
-def _calibration_batches(train_dataloader: Any, args: Any) -> Any:
-    """The training data in dataset order, without shuffling and without touching the Trainer's own loader (its
-    iteration state and random seed): the batches ``importance="activation"`` measures input norms on."""
+def _calibration_batches(train_dataloader: Any, args: Any, num_batches: int) -> Any:
+    """The first ``num_batches`` global training batches in dataset order, this rank's share of each (rank ``r`` of
+    ``W`` takes samples ``[b·G + r·B, b·G + (r+1)·B)`` of global batch ``b``, ``B`` per device, ``G = B·W``), built without
+    touching the Trainer's own loader (its iteration state and random seed): the data ``importance="activation"``
+    measures input norms on. The norms summed over ranks are then the same for any number of processes."""
     if train_dataloader is None:
         raise ValueError(
             "ProxSparseConfig(importance='activation') needs the training data to measure input norms, but the Trainer "
             "passed no train_dataloader to the callback."
         )
-    from torch.utils.data import DataLoader, IterableDataset
+    from torch.utils.data import DataLoader, IterableDataset, Subset
 
     dataset = getattr(train_dataloader, "dataset", None)
     if dataset is None or isinstance(dataset, IterableDataset):
-        return train_dataloader  # an iterable dataset cannot be re-read in order: take its first batches
+        return train_dataloader  # an iterable dataset cannot be re-read in order: take this rank's first batches
+    per_device = args.per_device_train_batch_size
+    world, rank = max(1, args.world_size), args.process_index
+    global_batch = per_device * world
+    indices = [
+        i
+        for b in range(num_batches)
+        for i in range(b * global_batch + rank * per_device, b * global_batch + (rank + 1) * per_device)
+        if i < len(dataset)
+    ]
     return DataLoader(
-        dataset,
-        batch_size=args.per_device_train_batch_size,
-        shuffle=False,
-        collate_fn=train_dataloader.collate_fn,
+        Subset(dataset, indices), batch_size=per_device, shuffle=False, collate_fn=train_dataloader.collate_fn
     )
