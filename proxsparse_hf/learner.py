@@ -51,6 +51,24 @@ INPUT_NORMS_NAME = "proxsparse_input_norms.safetensors"
 _MIN_COLUMN_SCALE = 1e-3
 
 
+def _check_activation_sharding(shards: Mapping[str, TargetShard]) -> None:
+    """``importance="activation"`` scales whole input columns: every rank must hold all input features of its rows."""
+    for s in shards.values():
+        if s.kind == "fsdp1":
+            raise ValueError(
+                f"`importance`='activation' cannot run on FSDP1 flat shards (target `{s.name}`); use FSDP2 (sharded "
+                f"along the output dimension), DDP or device_map, or importance='magnitude'."
+            )
+        in_features = s.global_shape[0] if s.target.transposed else s.global_shape[-1]
+        local_in = s.grouped(s.local(s.target.weight.detach())).shape[-1]
+        if local_in != in_features:
+            raise ValueError(
+                f"`importance`='activation' needs every input feature of a row on one rank, but target `{s.name}` "
+                f"(weight shape {s.global_shape}) is sharded along its input dimension ({local_in} of {in_features} "
+                f"features here); shard the output dimension, or use importance='magnitude'."
+            )
+
+
 class MaskLearner:
     """Learns a 2:4 mask for every target of ``model`` by proximal gradient (ProxSparse).
 
@@ -89,11 +107,8 @@ class MaskLearner:
         # state_dict name; equal to `Target.param_name` unless an FSDP1 wrapper inserted name parts).
         self.shards: dict[str, TargetShard] = shard_targets(self.targets, model)
         self.sharded = is_sharded(self.shards)
-        if config.importance == "activation" and self.sharded:
-            raise ValueError(
-                "`importance`='activation' supports one process, DDP and device_map training (whole weights per rank); "
-                "with FSDP-sharded weights use importance='magnitude'."
-            )
+        if config.importance == "activation":
+            _check_activation_sharding(self.shards)
         device = None if config.snapshot_device == "same" else torch.device("cpu")
         if original is None:
             original = {s.name: s.local(s.target.weight.detach()) for s in self.shards.values()}
@@ -219,9 +234,17 @@ class MaskLearner:
             device = s.local(s.target.weight).device
             self.input_norms[s.name] = norms.cpu()
             self.column_scale[s.name] = scale.to(device)
-            if self.config.lambda_scaling == "weight_scale":
-                scaled = s.grouped(self.original[s.name]).float() * scale.to(self.original[s.name].device)
-                rms_w = float(scaled.pow(2).mean().sqrt())
+        if self.config.lambda_scaling == "weight_scale":  # 1/RMS(W0·s) of the full weight (summed over shards)
+            sums: list[float] = []
+            for s in self.shards.values():
+                scaled = s.grouped(self.original[s.name]).float() * self.column_scale[s.name].to(
+                    self.original[s.name].device
+                )
+                share = s.replication if self.sharded else 1
+                sums += [float(scaled.pow(2).sum()) / share, scaled.numel() / share]
+            sums = all_reduce_sums(sums) if self.sharded else sums
+            for i, s in enumerate(self.shards.values()):
+                rms_w = math.sqrt(sums[2 * i] / sums[2 * i + 1]) if sums[2 * i + 1] else 0.0
                 self.layer_scale[s.name] = 1.0 / rms_w if rms_w > 0 else 1.0
 
     def _scores(self, s: TargetShard, view: torch.Tensor) -> torch.Tensor:

@@ -293,13 +293,24 @@ def straddle_fsdp1() -> str:
     return _error_of(lambda: MaskLearner(model, ProxSparseConfig()))
 
 
-def activation_importance_fsdp2() -> str:
-    """``importance="activation"`` needs whole weights per rank: refused (clearly) on FSDP2-sharded weights."""
+def activation_importance_fsdp2_conv1d() -> str:
+    """``importance="activation"`` scales whole input columns: refused when FSDP2 shards the input dimension (a GPT-2
+    ``Conv1D`` weight ``[in, out]`` under the default ``Shard(0)``)."""
     from torch.distributed.fsdp import fully_shard
+    from transformers.pytorch_utils import Conv1D
 
     model = _Stack(16, 8)
     for block in model.layers:
+        block.fc = Conv1D(8, 16)  # weight [16, 8]: Shard(0) gives each rank 8 of the 16 input features
         fully_shard(block)
+    return _error_of(lambda: MaskLearner(model, ProxSparseConfig(importance="activation")))
+
+
+def activation_importance_fsdp1() -> str:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    model = _Stack(8, 8, layers=1)
+    model = FullyShardedDataParallel(model, use_orig_params=True, device_id=torch.device("cpu"))
     return _error_of(lambda: MaskLearner(model, ProxSparseConfig(importance="activation")))
 
 
@@ -350,12 +361,15 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _fsdp2_trainer(out_dir: str):
+def _fsdp2_trainer(out_dir: str, config: ProxSparseConfig | None = None):
     try:
         from transformers.distributed import DistributedConfig  # noqa: F401
     except ImportError:
         return "unavailable"
-    return run_trainer(os.path.join(out_dir, "fsdp2_trainer"), WORLD, fsdp2_from=os.path.join(out_dir, "tiny-llama"))
+    name = "fsdp2_trainer" if config is None else "fsdp2_trainer_activation"
+    return run_trainer(
+        os.path.join(out_dir, name), WORLD, fsdp2_from=os.path.join(out_dir, "tiny-llama"), config=config
+    )
 
 
 def _rank_main(rank: int, port: int, out_dir: str) -> None:
@@ -382,7 +396,9 @@ def _rank_main(rank: int, port: int, out_dir: str) -> None:
         "straddle_fsdp2_conv1d": straddle_fsdp2_conv1d,
         "straddle_fsdp1": straddle_fsdp1,
         "fsdp1_without_orig_params": fsdp1_without_orig_params,
-        "activation_importance_fsdp2": activation_importance_fsdp2,
+        "activation_importance_fsdp2_conv1d": activation_importance_fsdp2_conv1d,
+        "activation_importance_fsdp1": activation_importance_fsdp1,
+        "fsdp2_trainer_activation": lambda: _fsdp2_trainer(out_dir, config=_activation_config()),
         "shard_roundtrip": shard_roundtrip,
     }
     results = {"__dir__": out_dir}
@@ -468,6 +484,13 @@ def test_ddp_trainer_with_activation_importance_gives_single_process_masks(ranks
         _assert_same_run(_result(ranks, "ddp_trainer_activation", rank), reference["trainer_activation"])
 
 
+def test_fsdp2_trainer_with_activation_importance_gives_single_process_masks(ranks, reference):
+    if _result(ranks, "fsdp2_trainer_activation") == "unavailable":
+        pytest.skip("this transformers has no DistributedConfig (FSDP2 at load time)")
+    for rank in range(WORLD):
+        _assert_same_run(_result(ranks, "fsdp2_trainer_activation", rank), reference["trainer_activation"])
+
+
 def test_fsdp2_trainer_gives_single_process_masks_and_checkpoint(ranks, reference):
     if _result(ranks, "fsdp2_trainer") == "unavailable":
         pytest.skip("this transformers has no DistributedConfig (FSDP2 at load time)")
@@ -536,7 +559,12 @@ def test_fsdp2_checkpoint_snapshot_matches_single_process(ranks, reference):
             r"\[\d+, \d+\) on rank \d \(local shard shape \(6,\)\); 2:4 groups of 4 input features would straddle",
         ),
         ("fsdp1_without_orig_params", r"FSDP1 without `use_orig_params=True`"),
-        ("activation_importance_fsdp2", r"`importance`='activation' supports one process, DDP and device_map"),
+        (
+            "activation_importance_fsdp2_conv1d",
+            r"`importance`='activation' needs every input feature of a row on one rank, but target "
+            r"`layers\.0\.fc\.weight` \(weight shape \(16, 8\)\) is sharded along its input dimension \(8 of 16",
+        ),
+        ("activation_importance_fsdp1", r"`importance`='activation' cannot run on FSDP1 flat shards"),
     ],
 )
 def test_group_straddling_shardings_are_refused(ranks, scenario, match):

@@ -214,6 +214,8 @@ def _calibration_batches(train_dataloader: Any, args: Any, num_batches: int) -> 
     per_device = args.per_device_train_batch_size
     world, rank = max(1, args.world_size), args.process_index
     global_batch = per_device * world
+    # whole global batches only, so every rank runs the same number of forwards (FSDP's all-gathers need it)
+    num_batches = max(1, min(num_batches, len(dataset) // global_batch))
     indices = [
         i
         for b in range(num_batches)
