@@ -55,6 +55,12 @@ def main() -> None:
     parser.add_argument("--tasks", default=",".join(TASKS))
     parser.add_argument("--limit", type=int, default=None, help="examples per task (default: all)")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument(
+        "--n-samples",
+        type=int,
+        default=None,
+        help="calibration windows for baselines pruned here (default: experiment's)",
+    )
     parser.add_argument("--output", required=True)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -91,13 +97,13 @@ def main() -> None:
                     _resolve(cal["dataset"]),
                     tokenizer,
                     seq_len=cal["seq_len"],
-                    n_samples=cal["n_samples"],
+                    n_samples=args.n_samples or cal["n_samples"],
                     seed=exp.get("seed", 0),
                     start=cal.get("start", 0),
                     stop=cal.get("stop"),
                 )
             prune(model, run["method"], calib, config, **run.get("options", {}))
-            source = "pruned here"
+            source = "pruned here" + (f" ({len(calib)} calibration windows)" if calib is not None else "")
         else:
             raise SystemExit(f"run {name!r}: no saved mask at {mask_file!r}")
         model.eval()
