@@ -73,6 +73,20 @@ def _resolve(path: str) -> str:
     return path if os.path.isabs(path) or os.path.exists(path) else os.path.join(REPO, path)
 
 
+def experiment_calibration(exp: dict[str, Any], tokenizer, n_samples: int | None = None):
+    """The experiment's calibration windows (``n_samples`` overrides its count)."""
+    cal = exp["calibration"]
+    return load_calibration_data(
+        _resolve(cal["dataset"]),
+        tokenizer,
+        seq_len=cal["seq_len"],
+        n_samples=n_samples or cal["n_samples"],
+        seed=exp.get("seed", 0),
+        start=cal.get("start", 0),
+        stop=cal.get("stop"),
+    )
+
+
 def eval_windows(tokenizer, spec: dict[str, Any], max_windows: int | None) -> dict[str, torch.Tensor]:
     """Tokenize every evaluation dataset once (same windows for every run)."""
     windows = {}
@@ -191,16 +205,7 @@ def main() -> None:
         _resolve(args.model or exp["model"]), dtype="float32", device=args.device
     )
     dense_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    cal = exp["calibration"]
-    calib = load_calibration_data(
-        _resolve(cal["dataset"]),
-        tokenizer,
-        seq_len=cal["seq_len"],
-        n_samples=args.n_samples or cal["n_samples"],
-        seed=exp.get("seed", 0),
-        start=cal.get("start", 0),
-        stop=cal.get("stop"),
-    )
+    calib = experiment_calibration(exp, tokenizer, args.n_samples)
     windows = eval_windows(tokenizer, exp["evaluation"], args.max_windows)
     wanted = None if args.runs is None else set(args.runs.split(","))
     results = []

@@ -19,11 +19,10 @@ import os
 import time
 
 import torch
-from quality import _resolve  # the same model / data resolution as the perplexity benchmark
+from quality import _resolve, experiment_calibration  # the same model / data as the perplexity benchmark
 
 from proxsparse_hf import ProxSparseConfig
 from proxsparse_hf.baselines import prune
-from proxsparse_hf.data import load_calibration_data
 from proxsparse_hf.evaluation.zeroshot import zeroshot_eval
 from proxsparse_hf.masks import apply_2to4_masks
 from proxsparse_hf.modeling import load_model_and_tokenizer
@@ -92,16 +91,7 @@ def main() -> None:
             source = os.path.basename(mask_file)
         elif run["method"] in ("magnitude", "wanda", "sparsegpt"):
             if run["method"] != "magnitude" and calib is None:
-                cal = exp["calibration"]
-                calib = load_calibration_data(
-                    _resolve(cal["dataset"]),
-                    tokenizer,
-                    seq_len=cal["seq_len"],
-                    n_samples=args.n_samples or cal["n_samples"],
-                    seed=exp.get("seed", 0),
-                    start=cal.get("start", 0),
-                    stop=cal.get("stop"),
-                )
+                calib = experiment_calibration(exp, tokenizer, args.n_samples)
             prune(model, run["method"], calib, config, **run.get("options", {}))
             source = "pruned here" + (f" ({len(calib)} calibration windows)" if calib is not None else "")
         else:
