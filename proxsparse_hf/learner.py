@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from .baselines.wanda import make_wanda_stats
 from .config import ProxSparseConfig
 from .distributed import (
     TargetShard,
@@ -49,6 +50,13 @@ SNAPSHOT_NAME = "proxsparse_original_weights.safetensors"
 INPUT_NORMS_NAME = "proxsparse_input_norms.safetensors"
 # lower bound of a normalised input-feature scale (importance="activation"): dead features get a tiny, non-zero scale
 _MIN_COLUMN_SCALE = 1e-3
+
+
+def _save_atomic(tensors: Mapping[str, torch.Tensor], path: str) -> None:
+    """Write a safetensors file through a temporary name, so a crash never leaves a half-written file at ``path``."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+    os.replace(tmp, path)
 
 
 def _check_activation_sharding(shards: Mapping[str, TargetShard]) -> None:
@@ -128,23 +136,7 @@ class MaskLearner:
         self.input_norms: dict[str, torch.Tensor] = {}
         # Per-layer prox strength multiplier: 1/RMS(W0) for lambda_scaling="weight_scale" (see ProxSparseConfig).
         self.layer_scale: dict[str, float] = {}
-        if config.lambda_scaling == "weight_scale" and self.sharded:  # RMS of the full weight from per-rank sums
-            sums: list[float] = []
-            for s in self.shards.values():
-                local = self.original[s.name].float()
-                sums += [float(local.pow(2).sum()) / s.replication, local.numel() / s.replication]
-            sums = all_reduce_sums(sums)
-            for i, s in enumerate(self.shards.values()):
-                rms = math.sqrt(sums[2 * i] / sums[2 * i + 1]) if sums[2 * i + 1] else 0.0
-                self.layer_scale[s.name] = 1.0 / rms if rms > 0 else 1.0
-        for s in self.shards.values():
-            if s.name in self.layer_scale:
-                continue
-            if config.lambda_scaling == "weight_scale":
-                rms = float(self.original[s.name].float().pow(2).mean().sqrt())
-                self.layer_scale[s.name] = 1.0 / rms if rms > 0 else 1.0
-            else:
-                self.layer_scale[s.name] = 1.0
+        self._set_layer_scale()
         self._last_masks: dict[str, torch.Tensor] | None = None
         if input_norms is not None:
             self.set_input_norms(input_norms)
@@ -163,19 +155,11 @@ class MaskLearner:
 
         Under ``torch.distributed`` this is a collective: the squared sums are added over ranks, so each rank passes
         its own share of the data (the callback gives rank ``r`` its slice of every global batch)."""
-        sums: dict[str, torch.Tensor] = {}
-        handles = []
-
-        def hook_for(name: str):
-            def hook(module: nn.Module, args: tuple) -> None:
-                x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-                total = (x * x).sum(dim=0).double()
-                sums[name] = total if name not in sums else sums[name] + total.to(sums[name].device)
-
-            return hook
-
-        for s in self.shards.values():
-            handles.append(s.target.module.register_forward_pre_hook(hook_for(s.name)))
+        stats = {s.name: make_wanda_stats(s.target) for s in self.shards.values()}  # Σ x_j² per input feature
+        handles = [
+            s.target.module.register_forward_pre_hook(lambda module, args, st=stats[s.name]: st.add(args[0].detach()))
+            for s in self.shards.values()
+        ]
         was_training = self.model.training
         device = input_device(self.model)
         self.model.eval()
@@ -195,11 +179,9 @@ class MaskLearner:
             self.model.train(was_training)
         # DDP: each rank measured its own part of the data; the sums over ranks are the norms of all of it (a rank
         # that saw no data still takes part, with zeros)
-        names = [s.name for s in self.shards.values()]
-        width = {s.name: s.grouped(self.original[s.name]).shape[-1] for s in self.shards.values()}
-        seen_by = torch.tensor([float(name in sums) for name in names], dtype=torch.float64)
-        totals = all_reduce_tensors([sums.get(name, torch.zeros(width[name], dtype=torch.float64)) for name in names])
-        seen_by = all_reduce_tensors([seen_by])[0]
+        names = list(stats)
+        totals = all_reduce_tensors([stats[name].sum_sq for name in names])
+        seen_by = all_reduce_tensors([torch.tensor([float(stats[name].num_tokens) for name in names])])[0]
         missing = [name for name, count in zip(names, seen_by.tolist()) if count == 0]
         if missing:
             raise RuntimeError(
@@ -234,18 +216,25 @@ class MaskLearner:
             device = s.local(s.target.weight).device
             self.input_norms[s.name] = norms.cpu()
             self.column_scale[s.name] = scale.to(device)
-        if self.config.lambda_scaling == "weight_scale":  # 1/RMS(W0·s) of the full weight (summed over shards)
-            sums: list[float] = []
-            for s in self.shards.values():
-                scaled = s.grouped(self.original[s.name]).float() * self.column_scale[s.name].to(
-                    self.original[s.name].device
-                )
-                share = s.replication if self.sharded else 1
-                sums += [float(scaled.pow(2).sum()) / share, scaled.numel() / share]
-            sums = all_reduce_sums(sums) if self.sharded else sums
-            for i, s in enumerate(self.shards.values()):
-                rms_w = math.sqrt(sums[2 * i] / sums[2 * i + 1]) if sums[2 * i + 1] else 0.0
-                self.layer_scale[s.name] = 1.0 / rms_w if rms_w > 0 else 1.0
+        self._set_layer_scale()
+
+    def _set_layer_scale(self) -> None:
+        """λ1 multiplier of every target: 1 (``lambda_scaling="none"``) or 1/RMS of the full original weight in the
+        coordinates the prox works in (``W0``, or ``W0·s`` with ``importance="activation"``). With sharded weights the
+        RMS comes from per-rank sums (a collective)."""
+        if self.config.lambda_scaling != "weight_scale":
+            self.layer_scale = {s.name: 1.0 for s in self.shards.values()}
+            return
+        sums: list[float] = []
+        for s in self.shards.values():
+            values = self._scores(s, s.grouped(self.original[s.name])).float()
+            share = s.replication if self.sharded else 1  # replicated copies count once in total
+            sums += [float(values.pow(2).sum()) / share, values.numel() / share]
+        if self.sharded:
+            sums = all_reduce_sums(sums)
+        for i, s in enumerate(self.shards.values()):
+            rms = math.sqrt(sums[2 * i] / sums[2 * i + 1]) if sums[2 * i + 1] else 0.0
+            self.layer_scale[s.name] = 1.0 / rms if rms > 0 else 1.0
 
     def _scores(self, s: TargetShard, view: torch.Tensor) -> torch.Tensor:
         """The values the regulariser and the top-2 rule act on: the grouped weights, times ``s`` for activation."""
@@ -422,13 +411,8 @@ class MaskLearner:
         if not write:
             return path
         if self.input_norms:  # importance="activation": the scale must survive a resume unchanged
-            norms_path = os.path.join(os.fspath(directory), INPUT_NORMS_NAME)
-            tmp = f"{norms_path}.tmp-{os.getpid()}"
-            save_file({k: v.contiguous() for k, v in self.input_norms.items()}, tmp)
-            os.replace(tmp, norms_path)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        save_file(tensors, tmp)
-        os.replace(tmp, path)
+            _save_atomic(self.input_norms, os.path.join(os.fspath(directory), INPUT_NORMS_NAME))
+        _save_atomic(tensors, path)
         return path
 
     @staticmethod
