@@ -8,8 +8,8 @@ run as it finishes::
     python benchmarks/quality.py benchmarks/configs/quality_smollm2.json --output benchmarks/results/quality_smollm2.json
 
 ``--runs a,b`` selects runs by name; ``--max-steps``/``--max-windows`` shrink a run for a smoke test on CPU;
-``--save-masks DIR`` writes each pruned run's 2:4 masks (packed, 4 bits per group) to ``DIR/<run>.safetensors`` so
-the same masks can be evaluated elsewhere (e.g. zero-shot on a machine with lm-eval).
+``--save-masks DIR`` writes each mask-only run as a mask adapter (``proxsparse_hf.export.save_mask_adapter``, 4 bits per
+group) to ``DIR/<run>/`` so the same masks can be evaluated elsewhere (e.g. zero-shot on a machine with lm-eval).
 """
 
 from __future__ import annotations
@@ -33,12 +33,10 @@ from proxsparse_hf.baselines import prune  # noqa: E402
 from proxsparse_hf.data import load_calibration_data, load_texts, tokenize_windows  # noqa: E402
 from proxsparse_hf.evaluation import resolve_dataset  # noqa: E402
 from proxsparse_hf.evaluation.perplexity import window_nll  # noqa: E402
+from proxsparse_hf.export import save_mask_adapter  # noqa: E402
 from proxsparse_hf.learn import learn_mask  # noqa: E402
-from proxsparse_hf.masks import extract_2to4_masks  # noqa: E402
 from proxsparse_hf.modeling import load_model_and_tokenizer  # noqa: E402
 from proxsparse_hf.outputs import describe_hardware, library_versions  # noqa: E402
-from proxsparse_hf.packing import pack_mask  # noqa: E402
-from proxsparse_hf.targets import find_targets  # noqa: E402
 
 logger = logging.getLogger("quality")
 
@@ -172,15 +170,9 @@ def markdown(results: list[dict[str, Any]], datasets: list[str]) -> str:
     return "\n".join(lines)
 
 
-def save_masks(model, config: ProxSparseConfig, path: str) -> None:
-    """Packed 2:4 masks of the (pruned) model's targets, ``{weight_name: uint8 codes}``, in ``path.safetensors``."""
-    from safetensors.torch import save_file
-
-    targets = find_targets(model, config)
-    masks = extract_2to4_masks(model, targets=targets)
-    transposed = {t.param_name: t.transposed for t in targets.values()}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_file({k: pack_mask(m.cpu(), transposed[k]).contiguous() for k, m in masks.items()}, path + ".safetensors")
+def _updates_weights(run: dict[str, Any]) -> bool:
+    """SparseGPT with its weight update: a mask alone does not reproduce the pruned model."""
+    return run["method"] == "sparsegpt" and run.get("options", {}).get("update_weights", True)
 
 
 def main() -> None:
@@ -193,7 +185,7 @@ def main() -> None:
     parser.add_argument("--n-samples", type=int, default=None, help="override calibration windows (smoke tests)")
     parser.add_argument("--solver-backend", default=None, choices=["auto", "torch", "triton"])
     parser.add_argument("--model", default=None, help="override the experiment's model (path or Hub id)")
-    parser.add_argument("--save-masks", default=None, help="folder for each pruned run's packed masks")
+    parser.add_argument("--save-masks", default=None, help="folder for each mask-only run's mask adapter")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -217,8 +209,14 @@ def main() -> None:
         if wanted is not None and run["name"] not in wanted:
             continue
         record = run_one(model, windows, dense_state, calib, exp, run, args)
-        if args.save_masks and run["method"] != "dense":
-            save_masks(model, ProxSparseConfig(**run.get("config", {})), os.path.join(args.save_masks, run["name"]))
+        if args.save_masks and run["method"] != "dense" and not _updates_weights(run):
+            save_mask_adapter(
+                model,
+                os.path.join(args.save_masks, run["name"]),
+                config=ProxSparseConfig(**run.get("config", {})),
+                base_model_name_or_path=exp["model"],
+                overwrite=True,
+            )
         print(json.dumps({k: record[k] for k in ("name", "method", "perplexity", "wall_time_s")}), flush=True)
         results = [r for r in results if r["name"] != record["name"]] + [record]
         payload = {

@@ -1,6 +1,6 @@
 """Zero-shot accuracy of the masks from ``benchmarks/quality.py`` (lm-eval on the local task files).
 
-The GPU machine has no lm-eval, so ``quality.py --save-masks DIR`` brings each run's packed 2:4 mask back and this script
+The GPU machine has no lm-eval, so ``quality.py --save-masks DIR`` brings each run's mask adapter back and this script
 applies it to the original weights and scores it (CPU is fine for the 135M model). Runs without a saved mask are pruned
 here with the experiment's own settings (``magnitude``, ``wanda``, ``sparsegpt`` mask-only); ``dense`` needs nothing.
 Prints one JSON line per run and writes a JSON + markdown table::
@@ -18,39 +18,25 @@ import logging
 import os
 import time
 
-import torch
 from quality import _resolve, experiment_calibration  # the same model / data as the perplexity benchmark
 
 from proxsparse_hf import ProxSparseConfig
 from proxsparse_hf.baselines import prune
 from proxsparse_hf.evaluation.zeroshot import zeroshot_eval
-from proxsparse_hf.masks import apply_2to4_masks
+from proxsparse_hf.export import apply_proxsparse
 from proxsparse_hf.modeling import load_model_and_tokenizer
 from proxsparse_hf.outputs import describe_hardware, library_versions
-from proxsparse_hf.packing import unpack_mask
-from proxsparse_hf.targets import find_targets
 
 TASKS = ("piqa", "arc_easy", "arc_challenge", "boolq", "winogrande", "openbookqa")
-
-
-def load_masks(model, config: ProxSparseConfig, path: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    packed = load_file(path)
-    targets = {t.param_name: t for t in find_targets(model, config).values()}
-    if set(packed) != set(targets):
-        raise ValueError(f"{path}: masks for {len(packed)} weights, the model has {len(targets)} targets.")
-    return {
-        name: unpack_mask(codes, tuple(targets[name].weight.shape), targets[name].transposed)
-        for name, codes in packed.items()
-    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("experiment")
     parser.add_argument("--runs", required=True, help="comma-separated run names of the experiment")
-    parser.add_argument("--masks", default=None, help="folder of <run>.safetensors written by quality.py --save-masks")
+    parser.add_argument(
+        "--masks", default=None, help="folder of <run>/ mask adapters written by quality.py --save-masks"
+    )
     parser.add_argument("--tasks", default=",".join(TASKS))
     parser.add_argument("--limit", type=int, default=None, help="examples per task (default: all)")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -82,20 +68,20 @@ def main() -> None:
         run = runs[name]
         model.load_state_dict(dense_state)
         config = ProxSparseConfig(**run.get("config", {}))
-        mask_file = os.path.join(args.masks, f"{name}.safetensors") if args.masks else None
+        adapter = os.path.join(args.masks, name) if args.masks else None
         start = time.perf_counter()
         if run["method"] == "dense":
             source = "dense"
-        elif mask_file and os.path.isfile(mask_file):
-            apply_2to4_masks(model, load_masks(model, config, mask_file), dense_state)
-            source = os.path.basename(mask_file)
+        elif adapter and os.path.isdir(adapter):
+            apply_proxsparse(model, adapter)  # the mask on the original weights (checks shapes and fingerprints)
+            source = os.path.basename(adapter)
         elif run["method"] in ("magnitude", "wanda", "sparsegpt"):
             if run["method"] != "magnitude" and calib is None:
                 calib = experiment_calibration(exp, tokenizer, args.n_samples)
             prune(model, run["method"], calib, config, **run.get("options", {}))
             source = "pruned here" + (f" ({len(calib)} calibration windows)" if calib is not None else "")
         else:
-            raise SystemExit(f"run {name!r}: no saved mask at {mask_file!r}")
+            raise SystemExit(f"run {name!r}: no mask adapter at {adapter!r}")
         model.eval()
         scores = zeroshot_eval(model, tokenizer, args.tasks.split(","), limit=args.limit, batch_size=args.batch_size)
         record = {
