@@ -1,19 +1,13 @@
-"""Benchmark 2:4 sparse kernels against dense cuBLAS: GEMMs, and a 7B-shaped Llama with and without projection fusion.
-
-GEMM level: Llama projection shapes and the fused q/k/v and gate/up shapes. Model level: a 7B-shaped Llama decoder with
-random weights and magnitude 2:4 masks; prefill and decode of the dense model, of the converted model without
-projection fusion and of the converted model with it.
+"""Benchmark 2:4 sparse kernels against dense cuBLAS: GEMM level (Llama projection shapes) and model level (a 7B-shaped
+Llama decoder with random weights, magnitude 2:4 masks).
 
 Prints one JSON line per measurement and writes everything (with GPU name and versions) to ``--out``::
 
     python benchmarks/inference_2to4.py --out benchmarks/results/inference_2to4_h100.json
-    python benchmarks/inference_2to4.py --part model --out /tmp/model.json            # dense vs unfused vs fused
-    python benchmarks/inference_2to4.py --part model --fuse on --tune-for cuda_graph --out /tmp/fused_graph.json
     python benchmarks/inference_2to4.py --part gemm --dtypes float16 --out /tmp/fp16.json
 
 Timing: CUDA events, warm-up first, median of repeated runs. ``eager`` = back-to-back calls as a model would issue them
-(host launch cost included); ``graph`` = CUDA-graph replays (no host cost). All conversions share ``--cache-dir``, so
-each (shape, timing mode) is tuned once per run (or not at all when cached from an earlier one).
+(host launch cost included); ``graph`` = CUDA-graph replays (no host cost).
 """
 
 from __future__ import annotations
@@ -32,7 +26,6 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from proxsparse_hf.inference import (  # noqa: E402
-    FusedSparseMember,
     SparseLinear2to4,
     _build_kernel,
     _DispatchCache,
@@ -45,32 +38,11 @@ from proxsparse_hf.inference import (  # noqa: E402
 from proxsparse_hf.masks import mask_2to4  # noqa: E402
 from proxsparse_hf.outputs import describe_hardware, library_versions  # noqa: E402
 
-SHAPES = {  # (out_features, in_features) of the distinct projections, then of the fused q/k/v and gate/up matrices
-    "llama2-7b": {
-        "qkvo": (4096, 4096),
-        "gate_up": (11008, 4096),
-        "down": (4096, 11008),
-        "qkv_fused": (12288, 4096),
-        "gate_up_fused": (22016, 4096),
-    },
-    "llama3-8b": {
-        "qo": (4096, 4096),
-        "kv": (1024, 4096),
-        "gate_up": (14336, 4096),
-        "down": (4096, 14336),
-        "qkv_fused": (6144, 4096),
-        "gate_up_fused": (28672, 4096),
-    },
-    "llama2-13b": {
-        "qkvo": (5120, 5120),
-        "gate_up": (13824, 5120),
-        "down": (5120, 13824),
-        "qkv_fused": (15360, 5120),
-        "gate_up_fused": (27648, 5120),
-    },
+SHAPES = {  # (out_features, in_features) of the distinct projections
+    "llama2-7b": {"qkvo": (4096, 4096), "gate_up": (11008, 4096), "down": (4096, 11008)},
+    "llama3-8b": {"qo": (4096, 4096), "kv": (1024, 4096), "gate_up": (14336, 4096), "down": (4096, 14336)},
+    "llama2-13b": {"qkvo": (5120, 5120), "gate_up": (13824, 5120), "down": (5120, 13824)},
 }
-FUSE_CHOICES = {"both": (False, True), "on": (True,), "off": (False,)}
-TUNE_CHOICES = {"both": ("eager", "cuda_graph"), "eager": ("eager",), "cuda_graph": ("cuda_graph",)}
 TOKENS = (1, 16, 128, 512, 2048, 8192)
 RESULTS: list[dict] = []
 
@@ -249,110 +221,74 @@ def _generate_seconds(model, ids: torch.Tensor, new_tokens: int) -> float:
     return time.perf_counter() - start
 
 
-def _label(tune_for: str, fuse: bool) -> str:
-    return f"2:4 dispatch (tuned {tune_for}, {'fused' if fuse else 'unfused'})"
-
-
-def _thresholds(model) -> dict[str, int | None]:
-    """``min_tokens`` of each decoder projection (None: left ``nn.Linear``), fused groups under their fused shape."""
-    out = {}
-    for name, module in model.named_modules():
-        if ".layers." not in name:
-            continue
-        if isinstance(module, FusedSparseMember):
-            group = module._group
-            out[f"{'+'.join(group.names)} {group.total_out}x{group.in_features}"] = module.min_tokens
-        elif isinstance(module, SparseLinear2to4):
-            out[f"{name.rpartition('.')[2]} {module.out_features}x{module.in_features}"] = module.min_tokens
-        elif isinstance(module, torch.nn.Linear):
-            out[f"{name.rpartition('.')[2]} {module.out_features}x{module.in_features}"] = None
-    return dict(sorted(out.items()))
-
-
-def decode_ab(
-    model, batches: list[int], new_tokens: int, cache_dir: str, fuse_modes: tuple[bool, ...], rounds: int = 3
-) -> list[dict]:
-    """Decode tokens/s of the dense model and of its eager-tuned conversions (unfused and/or fused), interleaved round
-    by round (dense, unfused, fused, dense, ...) so that drift of the host or the GPU hits all alike. ``model`` is dense
-    on entry and on exit."""
+def decode_ab(model, batches: list[int], new_tokens: int, cache_dir: str, rounds: int = 3) -> list[dict]:
+    """Decode tokens/s of the dense model and of its eager-tuned conversion, interleaved round by round (A, B, A, B...)
+    so that drift of the host or the GPU hits both alike. ``model`` is dense on entry and on exit."""
     rows = []
-    variants = [("dense", None)] + [(_label("eager", fuse), fuse) for fuse in fuse_modes]
     for batch in batches:
         ids = torch.randint(1, 32000, (batch, 64), device="cuda")
-        seconds: dict[str, list[float]] = {label: [] for label, _ in variants}
+        dense_s, sparse_s = [], []
         with torch.no_grad():
-            for round_ in range(rounds + 1):  # round 0 warms every variant up
-                for label, fuse in variants:
-                    if fuse is not None:
-                        to_sparse_kernels(model, tune_for="eager", cache_dir=cache_dir, fuse_projections=fuse)
-                    elapsed = _generate_seconds(model, ids, new_tokens)
-                    if fuse is not None:
-                        to_dense_kernels(model)
-                    if round_:
-                        seconds[label].append(elapsed)
-        dense_s = seconds["dense"]
-        by_label = {}
-        for label, samples in seconds.items():
+            for round_ in range(rounds + 1):  # round 0 warms both up
+                dense = _generate_seconds(model, ids, new_tokens)
+                to_sparse_kernels(model, tune_for="eager", cache_dir=cache_dir)
+                sparse = _generate_seconds(model, ids, new_tokens)
+                to_dense_kernels(model)
+                if round_:
+                    dense_s.append(dense)
+                    sparse_s.append(sparse)
+        for label, samples in (("dense", dense_s), ("2:4 dispatch (tuned eager)", sparse_s)):
             row = {"level": "model", "what": "decode", "batch": batch, "new_tokens": new_tokens, "model": label}
             row["tokens_per_s"] = round(batch * new_tokens / statistics.median(samples), 2)
             row["seconds"] = [round(x, 4) for x in samples]
-            if label != "dense":
-                row["speedup"] = round(statistics.median(dense_s) / statistics.median(samples), 3)
-                row["speedup_per_round"] = [round(d / c, 3) for d, c in zip(dense_s, samples)]
-            by_label[label] = row
             rows.append(row)
-        fused, unfused = by_label.get(_label("eager", True)), by_label.get(_label("eager", False))
-        if fused and unfused:
-            fused["vs_unfused"] = round(statistics.median(unfused["seconds"]) / statistics.median(fused["seconds"]), 3)
+        rows[-1]["speedup"] = round(statistics.median(dense_s) / statistics.median(sparse_s), 3)
+        rows[-1]["speedup_per_round"] = [round(d / c, 3) for d, c in zip(dense_s, sparse_s)]
     return rows
 
 
-def model_level(
-    layers: int,
-    lengths: list[int],
-    batches: list[int],
-    new_tokens: int,
-    cache_dir: str,
-    fuse_modes: tuple[bool, ...],
-    tune_modes: tuple[str, ...],
-) -> None:
+def model_level(layers: int, lengths: list[int], batches: list[int], new_tokens: int, cache_dir: str) -> None:
     model = build_7b(torch.bfloat16, layers)
     dense_mem = torch.cuda.memory_allocated()
-    rows = {}  # (tokens, tune_for, fuse) -> prefill row; (tokens, None, None) for dense
+    rows = {}
     for length in lengths:
-        rows[(length, None, None)] = prefill(model, length, "dense", graphs=True)
-    for tune_for in tune_modes:
-        for fuse in fuse_modes:
-            start = time.perf_counter()
-            to_sparse_kernels(model, tune_for=tune_for, cache_dir=cache_dir, fuse_projections=fuse)
-            convert_s = time.perf_counter() - start
-            label = _label(tune_for, fuse)
-            emit(
-                {
-                    "level": "model",
-                    "what": "conversion",
-                    "model": label,
-                    "seconds": round(convert_s, 2),
-                    "weights": sparse_weight_memory(model).to_dict(),
-                    "allocated_gib_dense": round(dense_mem / 2**30, 2),
-                    "allocated_gib_converted": round(torch.cuda.memory_allocated() / 2**30, 2),
-                    "min_tokens": _thresholds(model),
-                }
-            )
-            for length in lengths:
-                rows[(length, tune_for, fuse)] = prefill(model, length, label, graphs=True)
-            to_dense_kernels(model)
-    for (length, tune_for, fuse), row in rows.items():
-        if tune_for is not None:
-            ref = rows[(length, None, None)]
-            unfused = rows.get((length, tune_for, False)) if fuse else None
+        rows[("prefill", length, "dense")] = prefill(model, length, "dense", graphs=True)
+    for tune_for in ("eager", "cuda_graph"):
+        start = time.perf_counter()
+        to_sparse_kernels(model, tune_for=tune_for, cache_dir=cache_dir)
+        convert_s = time.perf_counter() - start
+        label = f"2:4 dispatch (tuned {tune_for})"
+        mem = sparse_weight_memory(model).to_dict()
+        thresholds = sorted(
+            {
+                f"{m.out_features}x{m.in_features}": m.min_tokens if isinstance(m, SparseLinear2to4) else None
+                for name, m in model.named_modules()
+                if ".layers." in name and isinstance(m, (SparseLinear2to4, torch.nn.Linear))
+            }.items()
+        )
+        emit(
+            {
+                "level": "model",
+                "what": "conversion",
+                "model": label,
+                "seconds": round(convert_s, 2),
+                "weights": mem,
+                "allocated_gib_dense": round(dense_mem / 2**30, 2),
+                "allocated_gib_converted": round(torch.cuda.memory_allocated() / 2**30, 2),
+                "min_tokens": dict(thresholds),
+            }
+        )
+        for length in lengths:
+            rows[("prefill", length, label)] = prefill(model, length, label, graphs=True)
+        to_dense_kernels(model)
+    for (_, size, label), row in rows.items():
+        ref = rows[("prefill", size, "dense")]
+        if label != "dense":
             for key in ("eager_ms", "graph_ms"):
                 if key in row and key in ref:
                     row[key.replace("_ms", "_speedup")] = round(ref[key] / row[key], 3)
-                if unfused is not None and key in row and key in unfused:
-                    row[key.replace("_ms", "_vs_unfused")] = round(unfused[key] / row[key], 3)
         emit(row)
-    for row in decode_ab(model, batches, new_tokens, cache_dir, fuse_modes):
+    for row in decode_ab(model, batches, new_tokens, cache_dir):
         emit(row)
 
 
@@ -365,18 +301,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefill", type=int, nargs="+", default=[2048, 8192])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument(
-        "--fuse",
-        choices=list(FUSE_CHOICES),
-        default="both",
-        help="model level: convert without projection fusion, with it, or both (one row each)",
-    )
-    parser.add_argument(
-        "--tune-for",
-        choices=list(TUNE_CHOICES),
-        default="both",
-        help="model-level prefill: the dispatch tuning modes to convert with (decode always uses eager tuning)",
-    )
     parser.add_argument("--cache-dir", default="/tmp/proxsparse_dispatch")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
@@ -397,18 +321,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.part in ("all", "gemm"):
             gemm_level(dtypes, args.cache_dir, args.gemm_models)
         if args.part in ("all", "model"):
-            model_level(
-                args.layers,
-                args.prefill,
-                args.batches,
-                args.new_tokens,
-                args.cache_dir,
-                FUSE_CHOICES[args.fuse],
-                TUNE_CHOICES[args.tune_for],
-            )
+            model_level(args.layers, args.prefill, args.batches, args.new_tokens, args.cache_dir)
         if args.part == "decode":
-            model = build_7b(torch.bfloat16, args.layers)
-            for row in decode_ab(model, args.batches, args.new_tokens, args.cache_dir, FUSE_CHOICES[args.fuse]):
+            for row in decode_ab(build_7b(torch.bfloat16, args.layers), args.batches, args.new_tokens, args.cache_dir):
                 emit(row)
     finally:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

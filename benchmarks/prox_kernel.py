@@ -161,7 +161,10 @@ class DecoderLayer(nn.Module):
         return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
 
 
-def bench_training_step(args, device, dtype) -> dict:
+def bench_training_step(args, device, dtype, prox_fn=None, label: str = "magnitude") -> dict:
+    """Step time with and without the prox on every linear; ``prox_fn(weight, lam, column_scale)`` (default: the
+    library's ``prox_2to4_``). ``label="activation"`` passes a per-column scale (``importance="activation"``)."""
+    prox_fn = prox_fn or (lambda w, lam, scale: prox_2to4_(w, lam, column_scale=scale))
     torch.manual_seed(0)
     hidden, inter, heads = (256, 688, 4) if args.small else (HIDDEN, INTERMEDIATE, HEADS)
     model = nn.Sequential(*(DecoderLayer(hidden, inter, heads) for _ in range(args.layers))).to(device, dtype)
@@ -170,6 +173,7 @@ def bench_training_step(args, device, dtype) -> dict:
             if p.dim() == 2:
                 p.normal_(0, 0.02)
     linears = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
+    scales = [(torch.rand(w.shape[1], device=device) + 0.5) if label == "activation" else None for w in linears]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, **({"fused": True} if device.type == "cuda" else {}))
     x = torch.randn(1, args.tokens, hidden, device=device, dtype=dtype)
 
@@ -180,8 +184,8 @@ def bench_training_step(args, device, dtype) -> dict:
         opt.zero_grad(set_to_none=True)
         if with_prox:  # what the callback does in on_optimizer_step
             with torch.no_grad():
-                for w in linears:
-                    prox_2to4_(w, args.lam)
+                for w, scale in zip(linears, scales):
+                    prox_fn(w, args.lam, scale)
 
     res = {}
     for with_prox in (False, True, False, True):  # interleaved, to cancel drift
@@ -192,6 +196,7 @@ def bench_training_step(args, device, dtype) -> dict:
     base, prox = statistics.median(res[False]), statistics.median(res[True])
     return {
         "benchmark": "training_step_overhead",
+        "importance": label,
         "layers": args.layers,
         "tokens_per_step": args.tokens,
         "step_ms_without_prox": round(base, 3),
@@ -201,6 +206,30 @@ def bench_training_step(args, device, dtype) -> dict:
         "note": "plain torch loop: forward, backward, fused AdamW step, then prox_2to4_ on every linear weight "
         "(what ProxSparseCallback.on_optimizer_step does); bf16 weights; random inputs and a squared-output loss",
     }
+
+
+SWEEP = [(256, 4, 2)] + [
+    (b, w, c) for b in (128, 256, 512, 1024) for w in (4, 8) for c in (2, 4) if (b, w, c) != (256, 4, 2)
+]
+
+
+def sweep_launch(pristine, work, lam, warmup, reps, device, n_bytes) -> tuple[list[dict], dict]:
+    """Time the Triton kernel under every launch configuration of ``SWEEP``; returns the rows and the fastest."""
+    from proxsparse_hf.kernels.triton_prox import prox_2to4_triton_
+
+    rows = []
+    for block, warps, check in SWEEP:
+        launch = {"block": block, "num_warps": warps, "check": check}
+
+        def fn(w, lam, launch=launch):
+            prox_2to4_triton_(w, lam, max_iter=100, tol=1e-6, launch=launch)
+
+        ms = statistics.median(bench_backend("sweep", fn, pristine, work, lam, warmup, reps, device))
+        row = {"sweep": launch, "ms_per_decoder_layer": round(ms, 4), "achieved_GBps": round(n_bytes / ms / 1e6, 1)}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    best = min(rows, key=lambda r: r["ms_per_decoder_layer"])["sweep"]
+    return rows, best
 
 
 def objective_agreement(backends, weight: torch.Tensor, lam: float) -> dict:
@@ -255,6 +284,7 @@ def main(argv=None) -> int:
     parser.add_argument("--step-reps", type=int, default=10)
     parser.add_argument("--small", action="store_true", help="tiny shapes (smoke test)")
     parser.add_argument("--skip-step", action="store_true")
+    parser.add_argument("--sweep", action="store_true", help="time the Triton kernel's launch configurations first")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -270,9 +300,26 @@ def main(argv=None) -> int:
     bandwidth = copy_bandwidth(device, n_bytes=(1 << 26) if args.small else (1 << 30))
     floor_ms = n_bytes / (bandwidth * 1e9) * 1e3
 
+    sweep, best = [], None
+    if device.type == "cuda" and args.sweep:
+        sweep, best = sweep_launch(pristine, work, args.lam, args.warmup, args.reps, device, n_bytes)
+    scales = [torch.rand(p.shape[1], device=device, generator=gen) + 0.5 for p in pristine]
+    scale_of = {id(w): s for w, s in zip(work, scales)}
+
+    def unfused_scaled(w, lam, fn):  # what MaskLearner did before the scale was fused: fp32 copy, prox, divide
+        s = scale_of[id(w)]
+        w.copy_(fn(w.float() * s, lam).div_(s))
+
     backends = {}
     if device.type == "cuda":
-        backends["triton"] = lambda w, lam: prox_2to4_(w, lam, backend="triton")
+        from proxsparse_hf.kernels.triton_prox import prox_2to4_triton_
+
+        def triton_fn(w, lam, scale=None):
+            return prox_2to4_triton_(w, lam, max_iter=100, tol=1e-6, column_scale=scale, launch=best)
+
+        backends["triton"] = triton_fn
+        backends["triton_activation_fused"] = lambda w, lam: triton_fn(w, lam, scale_of[id(w)])
+        backends["triton_activation_unfused"] = lambda w, lam: unfused_scaled(w, lam, triton_fn)
     backends["torch"] = lambda w, lam: prox_2to4_(w, lam, backend="torch", chunk_groups=1 << 22)
     backends["eager_published"] = lambda w, lam: published_prox_(w, lam)
 
@@ -297,6 +344,7 @@ def main(argv=None) -> int:
     for name, ms in medians.items():
         row = {
             "backend": name,
+            **({"launch": best or "default"} if name.startswith("triton") else {}),
             "ms_per_decoder_layer": round(ms, 4),
             "achieved_GBps": round(n_bytes / (ms * 1e-3) / 1e9, 1),
             "fraction_of_hbm_floor": round(floor_ms / ms, 4),
@@ -309,11 +357,17 @@ def main(argv=None) -> int:
         print(json.dumps(row), flush=True)
         results.append(row)
 
-    agreement = objective_agreement(backends, pristine[0], args.lam)
+    plain = {k: v for k, v in backends.items() if "activation" not in k}
+    agreement = objective_agreement(plain, pristine[0], args.lam)
     print(json.dumps(agreement), flush=True)
-    step = None if args.skip_step else bench_training_step(args, device, dtype)
-    if step is not None:
-        print(json.dumps(step), flush=True)
+    steps = []
+    if not args.skip_step:
+        step_fn = None
+        if "triton" in backends:
+            step_fn = lambda w, lam, scale: backends["triton"](w, lam, scale)  # noqa: E731
+        for label in ("magnitude", "activation"):
+            steps.append(bench_training_step(args, device, dtype, step_fn, label))
+            print(json.dumps(steps[-1]), flush=True)
     record = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "versions": versions(),
@@ -324,9 +378,11 @@ def main(argv=None) -> int:
         "measured_copy_bandwidth_GBps": round(bandwidth, 1),
         "hbm_floor_ms_per_layer": round(floor_ms, 4),
         "timing": "CUDA events, warm-up then median; every repetition restarts from the same dense N(0, 0.02) weights",
+        "launch_sweep": sweep,
+        "launch_used": best or "library default",
         "backends": results,
         "objective_agreement": agreement,
-        "training_step": step,
+        "training_step": steps,
         "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
     }
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"prox_kernel_{gpu_slug(device)}.json"

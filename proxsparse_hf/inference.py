@@ -3,8 +3,7 @@
 A pruned model is a dense model full of zeros until its linears are swapped for :class:`SparseLinear2to4`, whose matmul
 runs the compressed 2:4 weight on the sparse tensor cores of Ampere and newer GPUs::
 
-    model = to_sparse_kernels(model)          # every exactly-2:4 target linear (q/k/v, gate/up fused); dispatch
-                                              # measured once per shape
+    model = to_sparse_kernels(model)          # every exactly-2:4 target linear; dispatch measured once per shape
     model.generate(...)                       # prefill (many tokens) -> sparse kernels, decode (few tokens) -> dense
     model = to_dense_kernels(model)           # back to plain nn.Linear, bit for bit
 
@@ -27,38 +26,19 @@ above which it wins everywhere (by 3% under CUDA graphs, 10% in eager mode); lay
 back-to-back eager calls, for models run under CUDA graphs (``torch.compile(mode="reduce-overhead")`` or a manual
 capture), where the per-call host cost disappears.
 
-Fusion (``fuse_projections=True``, the default with a sparse backend): sibling targets of one parent module that read
-the same input — the members of a ``FUSION_SETS`` entry (q/k/v, gate/up, w1/w3 ...) with the same input features,
-dtype, device and layout, all with or all without bias — are compressed as one matrix (rows concatenated; each member
-is checked 2:4 on its own, so the stack is too) and run as one larger sparse GEMM, tuned and dispatched as the fused
-shape. Each member becomes a :class:`FusedSparseMember` whose output is its column slice (a view) of the fused
-``[..., sum(out)]`` output. The first member called with an input tensor runs the GEMM and caches the output; a
-sibling called with that same tensor object, unmodified since (same ``_version``), takes its slice from the cache, which
-is dropped as soon as every member has been served (or the input is freed). Any other call — another input, a member
-called twice — recomputes, so results never depend on call order or on the input being shared (inference tensors and
-torch.compile traces have no version counter: identity alone decides there). Below the group's ``min_tokens`` (decode)
-every member runs ``F.linear`` on its own dense weight exactly as without fusion; where the fused shape never beats
-dense, all members stay ``nn.Linear``. Fusion does not apply to cross-attention parents (their q and k/v read different
-inputs), to siblings that differ in input features, dtype, device, layout or bias presence, with the ``"dense"``
-backend, or where a member's shape is unsupported (each member is then converted alone). Projections a model already
-fuses (Phi-3 ``qkv_proj`` / ``gate_up_proj``, GPT-NeoX ``query_key_value``, GPT-2 ``c_attn``) are single layers.
-
 Memory: ``mode="speed"`` keeps the dense weight for the fallback next to the compressed one (1.56x the dense weight
 bytes for 16-bit weights); ``mode="memory"`` keeps only the compressed weight (0.56x) and always runs the sparse
-kernel. :func:`sparse_weight_memory` reports both numbers (a fused matrix counted once, split among its members by
-rows). :func:`to_dense_kernels` restores the original modules in both modes, fused or not."""
+kernel. :func:`sparse_weight_memory` reports both numbers."""
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import math
 import os
 import re
 import statistics
-import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,14 +48,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .masks import fraction_2to4_groups, is_2to4
-from .targets import Target, find_targets
+from .targets import find_targets
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "BACKENDS",
-    "FUSION_SETS",
-    "FusedSparseMember",
     "MODES",
     "SparseLinear2to4",
     "SparseWeightMemory",
@@ -273,35 +251,6 @@ def _build_kernel(backend: str, weight: torch.Tensor, alg_id: int = 0) -> _Kerne
     raise ValueError(f"`backend`={backend!r} has no kernel; use one of {BACKENDS[1:4]}.")
 
 
-def _kernel_dtype(kernel: _Kernel) -> torch.dtype:
-    """The dtype ``kernel`` computes in."""
-    if isinstance(kernel, _CusparseltKernel):
-        return kernel.dtype
-    return kernel.weight.dtype
-
-
-def _run_kernel(
-    kernel: _Kernel,
-    x: torch.Tensor,
-    bias: torch.Tensor | None,
-    in_features: int,
-    out_features: int,
-    cast: bool,
-) -> torch.Tensor:
-    """``x [..., in] -> [..., out]`` through ``kernel``; ``cast`` converts ``x`` / ``bias`` to the kernel's dtype (memory
-    mode, which has no dense fallback for other dtypes) and the result back to ``x``'s."""
-    dtype = x.dtype
-    x2d = x.reshape(-1, in_features)
-    if cast:
-        kernel_dtype = _kernel_dtype(kernel)
-        if dtype != kernel_dtype:
-            x2d = x2d.to(kernel_dtype)
-        if bias is not None and bias.dtype != kernel_dtype:
-            bias = bias.to(kernel_dtype)
-    out = kernel.mm(x2d, bias)
-    return out.to(dtype).view(*x.shape[:-1], out_features)
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # the module
 # --------------------------------------------------------------------------------------------------------------------
@@ -389,15 +338,8 @@ class SparseLinear2to4(nn.Module):
         the exactly decompressed weight in memory mode."""
         weight = self.weight
         if weight is None:
-            weight = self._dense_parameter(self._kernel.decompress())
-        return self._dense_module(weight)
-
-    def _dense_parameter(self, grouped: torch.Tensor) -> nn.Parameter:
-        """A decompressed ``[out, in]`` weight as a Parameter in this layer's storage layout."""
-        return nn.Parameter(grouped.t().contiguous() if self.transposed else grouped, requires_grad=False)
-
-    def _dense_module(self, weight: nn.Parameter) -> nn.Module:
-        """An ``nn.Linear`` / ``Conv1D`` holding ``weight`` and this layer's bias Parameter."""
+            dense = self._kernel.decompress()
+            weight = nn.Parameter(dense.t().contiguous() if self.transposed else dense, requires_grad=False)
         has_bias = self.bias is not None
         if self.transposed:
             from transformers.pytorch_utils import Conv1D
@@ -435,10 +377,22 @@ class SparseLinear2to4(nn.Module):
         return out.view(shape)
 
     def _sparse(self, x: torch.Tensor) -> torch.Tensor:
-        return _run_kernel(self._kernel, x, self.bias, self.in_features, self.out_features, cast=self.mode == "memory")
+        dtype = x.dtype
+        x2d = x.reshape(-1, self.in_features)
+        bias = self.bias
+        if self.mode == "memory":
+            kernel_dtype = self._kernel_dtype()
+            if dtype != kernel_dtype:
+                x2d = x2d.to(kernel_dtype)
+            if bias is not None and bias.dtype != kernel_dtype:
+                bias = bias.to(kernel_dtype)
+        out = self._kernel.mm(x2d, bias)
+        return out.to(dtype).view(*x.shape[:-1], self.out_features)
 
     def _kernel_dtype(self) -> torch.dtype:
-        return _kernel_dtype(self._kernel)
+        if isinstance(self._kernel, _CusparseltKernel):
+            return self._kernel.dtype
+        return self._kernel.weight.dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() < self._min_numel:  # the decode path: as cheap as nn.Linear's own forward
@@ -484,298 +438,6 @@ def _check_2to4(grouped: torch.Tensor, name: str) -> None:
             f"dimension: "
             f"{frac:.2%} of its groups of 4 have at most 2 non-zeros. Apply a 2:4 mask first "
             f"(proxsparse_hf.apply_2to4_masks) or leave the layer out with `filter_fn`."
-        )
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# projection fusion: sibling linears that read one input, run as one sparse GEMM
-# --------------------------------------------------------------------------------------------------------------------
-# Child names of sibling linears that read one identical input in transformers' models, in the order their outputs
-# are concatenated. A name may appear in several sets; within a parent module the first set with two or more
-# convertible members present wins. Already-fused projections (Phi-3 ``qkv_proj`` / ``gate_up_proj``, GPT-NeoX /
-# Falcon / Bloom ``query_key_value``, GPT-2 ``c_attn``) are single layers and need nothing.
-FUSION_SETS: tuple[tuple[str, ...], ...] = (
-    ("q_proj", "k_proj", "v_proj"),  # Llama, Mistral, Qwen2/3, Gemma 1-3, OPT, Phi, GPT-J, GPT-Neo, OLMo, Cohere ...
-    ("gate_proj", "up_proj"),  # gated MLPs: Llama, Mistral, Qwen2/3, Gemma, DeepSeek (dense and shared experts) ...
-    ("w1", "w3"),  # LFM2 gated MLPs (Mixtral-style names)
-    ("wi_0", "wi_1"),  # T5 v1.1 / mT5 / UMT5 gated feed-forward
-    ("q", "k", "v"),  # T5 self-attention
-    ("query", "key", "value"),  # BERT-style self-attention
-    ("q_a_proj", "kv_a_proj_with_mqa"),  # DeepSeek-V2/V3 latent attention with a low-rank query
-    ("q_proj", "kv_a_proj_with_mqa"),  # the same without it
-)
-# parent modules (by qualified name) whose q / k / v read different inputs: cross-attention of encoder-decoder and
-# multimodal models (BART-style ``encoder_attn``, T5 ``EncDecAttention``, BERT ``crossattention``, ``cross_attn`` ...)
-_CROSS_ATTENTION = re.compile(r"cross|encoder_attn|encdec", re.IGNORECASE)
-
-
-def _fusion_mismatch(modules: Sequence[nn.Module]) -> str:
-    """Why ``modules`` cannot be fused into one matrix ("" when they can)."""
-    first = modules[0]
-    transposed = not isinstance(first, nn.Linear)
-    in_dim = 0 if transposed else 1
-    for module in modules[1:]:
-        if (not isinstance(module, nn.Linear)) != transposed:
-            return "they mix nn.Linear and Conv1D"
-        if module.weight.shape[in_dim] != first.weight.shape[in_dim]:
-            return "their input features differ"
-        if module.weight.dtype != first.weight.dtype:
-            return "their weight dtypes differ"
-        if module.weight.device != first.weight.device:
-            return "their weights are on different devices"
-        if (module.bias is None) != (first.bias is None):
-            return "some have a bias and some do not"
-        if module.bias is not None and module.bias.dtype != first.bias.dtype:
-            return "their bias dtypes differ"
-    return ""
-
-
-def _fusion_groups(model: nn.Module, targets: Sequence[Target]) -> list[list[Target]]:
-    """Targets to fuse: per parent module (cross-attention excluded), the compatible members of each ``FUSION_SETS``
-    entry when two or more are among ``targets``."""
-    children: dict[str, dict[str, Target]] = {}
-    for target in targets:
-        parent, _, child = target.name.rpartition(".")
-        children.setdefault(parent, {})[child] = target
-    groups: list[list[Target]] = []
-    for parent_name, by_child in children.items():
-        if len(by_child) < 2:
-            continue
-        parent = model.get_submodule(parent_name) if parent_name else model
-        if _CROSS_ATTENTION.search(parent_name) or getattr(parent, "is_cross_attention", False) is True:
-            continue
-        taken: set[str] = set()
-        for names in FUSION_SETS:
-            members = [by_child[n] for n in names if n in by_child and n not in taken]
-            if len(members) < 2:
-                continue
-            reason = _fusion_mismatch([t.module for t in members])
-            if reason:
-                logger.info("Not fusing %s: %s.", ", ".join(t.name for t in members), reason)
-                continue
-            groups.append(members)
-            taken.update(t.name.rpartition(".")[2] for t in members)
-    return groups
-
-
-def _release_when_freed(group_ref: weakref.ref) -> Callable[[weakref.ref], None]:
-    """Weakref callback dropping a group's cached output once the input it was computed for is freed."""
-
-    def release(dead: weakref.ref) -> None:
-        group = group_ref()
-        if group is not None and group._entry is not None and group._entry[0] is dead:
-            group._entry = None
-
-    return release
-
-
-def _referent(key: weakref.ref | torch.Tensor) -> torch.Tensor | None:
-    return key() if isinstance(key, weakref.ref) else key
-
-
-class _FusedGroup:
-    """The compressed ``[sum(out), in]`` weight of sibling linears that read one input, and the fused output of the
-    last input until every member has taken its columns.
-
-    Not an ``nn.Module``: it owns no Parameter (the members keep theirs), so ``state_dict`` keys are the original ones.
-    The cache is one immutable tuple ``(weakref to the input, its _version, fused output, bitmask of served members)``,
-    replaced whole, so a reader always sees an output together with the input it was computed from.
-    """
-
-    def __init__(
-        self,
-        kernel: _Kernel,
-        bias: torch.Tensor | None,
-        *,
-        names: Sequence[str],
-        out_features: Sequence[int],
-        in_features: int,
-        mode: str,
-        min_tokens: int,
-    ):
-        self.kernel = kernel
-        self.bias = bias
-        self.names = tuple(names)
-        self.out_features = tuple(out_features)
-        self.in_features = in_features
-        self.total_out = sum(self.out_features)
-        self.mode = mode
-        stops = list(itertools.accumulate(self.out_features))
-        self.bounds = tuple(zip([0, *stops[:-1]], stops))
-        # compressed bytes apportioned to the members by rows (remainder to the first): they sum to kernel.nbytes
-        shares = [kernel.nbytes * n // self.total_out for n in self.out_features]
-        shares[0] += kernel.nbytes - sum(shares)
-        self.shares = tuple(shares)
-        self._all_served = (1 << len(self.names)) - 1
-        self._entry: tuple[weakref.ref | torch.Tensor, int | None, torch.Tensor, int] | None = None
-        self._release = _release_when_freed(weakref.ref(self))
-        self.set_min_tokens(min_tokens)
-
-    def set_min_tokens(self, min_tokens: int) -> None:
-        if not isinstance(min_tokens, int) or isinstance(min_tokens, bool) or min_tokens < 0:
-            raise ValueError(f"`min_tokens`={min_tokens!r} must be an int >= 0.")
-        self.min_tokens = 0 if self.mode == "memory" else min_tokens
-        self.min_numel = min(self.min_tokens, NEVER) * self.in_features
-
-    def output(self, index: int, x: torch.Tensor) -> torch.Tensor:
-        """Member ``index``'s columns of the fused output for ``x`` (a view).
-
-        Served from the cache when it holds the output for this very tensor, unmodified since (same ``_version``), and
-        this member has not taken it yet; otherwise the fused GEMM runs for ``x`` and its output replaces the cache.
-        The cache is dropped once every member has been served, or when ``x`` is freed. Inference tensors have no
-        version counter, and torch.compile traces neither weakrefs nor version counters: there identity alone decides
-        (an in-place change of ``x`` between sibling calls would go unnoticed; no transformers model makes one).
-        """
-        bit = 1 << index
-        if torch.compiler.is_compiling():
-            key, version = x, None  # a strong reference, dropped with the entry
-        else:
-            key, version = None, (None if x.is_inference() else x._version)
-        entry = self._entry
-        if entry is not None and _referent(entry[0]) is x and entry[1] == version and not entry[3] & bit:
-            out, served = entry[2], entry[3] | bit
-            self._entry = None if served == self._all_served else (entry[0], version, out, served)
-        else:
-            out = _run_kernel(self.kernel, x, self.bias, self.in_features, self.total_out, cast=self.mode == "memory")
-            self._entry = (weakref.ref(x, self._release) if key is None else key, version, out, bit)
-        start, stop = self.bounds[index]
-        return out[..., start:stop]
-
-    def decompress_rows(self) -> list[torch.Tensor]:
-        """Each member's exactly decompressed ``[out, in]`` weight (own storage)."""
-        dense = self.kernel.decompress()
-        return [dense[start:stop].clone() for start, stop in self.bounds]
-
-    def __getstate__(self) -> dict[str, Any]:  # copy / pickle: no cached output, no weakref
-        state = dict(self.__dict__)
-        state["_entry"] = None
-        del state["_release"]
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._release = _release_when_freed(weakref.ref(self))
-
-
-class FusedSparseMember(SparseLinear2to4):
-    """One projection of a group of sibling 2:4 linears that read the same input, compressed together as one matrix
-    (rows concatenated) and run as one sparse GEMM.
-
-    The first member called with an input runs the fused GEMM and caches its output; siblings called with that same
-    tensor take their columns from the cache (a view of the fused ``[..., sum(out)]`` output). Any other input, or a
-    second call, recomputes. Below ``min_tokens`` (shared by the group) each member runs ``F.linear`` on its own dense
-    weight, as :class:`SparseLinear2to4` does. Build groups with :meth:`from_linears` or :func:`to_sparse_kernels`.
-    """
-
-    def __init__(
-        self,
-        weight: nn.Parameter | None,
-        bias: nn.Parameter | None,
-        *,
-        group: _FusedGroup,
-        index: int,
-        transposed: bool = False,
-    ):
-        nn.Module.__init__(self)
-        if group.mode == "speed" and weight is None:
-            raise ValueError("`mode`='speed' needs the dense weight.")
-        self._group = group
-        self._index = index
-        self.in_features = group.in_features
-        self.out_features = group.out_features[index]
-        self.mode = group.mode
-        self.transposed = transposed
-        self.backend = group.kernel.name
-        self.weight = weight if group.mode == "speed" else None
-        self.bias = bias
-
-    @classmethod
-    def from_linears(
-        cls,
-        modules: Sequence[nn.Module],
-        *,
-        names: Sequence[str],
-        backend: str,
-        min_tokens: int = 0,
-        mode: str = "speed",
-        alg_id: int = 0,
-    ) -> list[FusedSparseMember]:
-        """Fuse sibling ``nn.Linear`` / ``Conv1D`` layers that read the same input: same input features, dtype, device
-        and layout, all with or all without bias, each exactly 2:4 (else ``ValueError`` naming the layer).
-
-        Returns one member per module, in order, sharing the modules' weight and bias Parameters.
-        """
-        if len(modules) < 2 or len(names) != len(modules):
-            raise ValueError(f"Fusing needs two or more layers and one name each (got {len(modules)}, {len(names)}).")
-        if mode not in MODES:
-            raise ValueError(f"`mode`={mode!r} is not one of {MODES}.")
-        if backend == "dense":
-            raise ValueError("Fusing needs a sparse kernel (got backend 'dense').")
-        transposed = not isinstance(modules[0], nn.Linear)
-        grouped = [m.weight.detach().t() if transposed else m.weight.detach() for m in modules]
-        for weight, name in zip(grouped, names):
-            _check_2to4(weight, name)
-        reason = _fusion_mismatch(modules)
-        if reason:
-            raise ValueError(f"Layers {', '.join(f'`{n}`' for n in names)} cannot be fused: {reason}.")
-        # each member is 2:4 along the input dimension, so their rows stacked are too
-        kernel = _build_kernel(backend, torch.cat(grouped), alg_id)
-        bias = None if modules[0].bias is None else torch.cat([m.bias.detach() for m in modules])
-        group = _FusedGroup(
-            kernel,
-            bias,
-            names=[n.rpartition(".")[2] for n in names],
-            out_features=[w.shape[0] for w in grouped],
-            in_features=grouped[0].shape[1],
-            mode=mode,
-            min_tokens=min_tokens,
-        )
-        return [cls(m.weight, m.bias, group=group, index=i, transposed=transposed) for i, m in enumerate(modules)]
-
-    @property
-    def _kernel(self) -> _Kernel:  # the group's fused kernel
-        return self._group.kernel
-
-    @property
-    def min_tokens(self) -> int:
-        return self._group.min_tokens
-
-    @property
-    def _min_numel(self) -> int:
-        return self._group.min_numel
-
-    @property
-    def fused_names(self) -> tuple[str, ...]:
-        """Child names of the group's members, in fused order."""
-        return self._group.names
-
-    def set_min_tokens(self, min_tokens: int) -> None:
-        """Change the dispatch threshold of the whole group (its members always decide alike)."""
-        self._group.set_min_tokens(min_tokens)
-
-    def _sparse(self, x: torch.Tensor) -> torch.Tensor:
-        return self._group.output(self._index, x)
-
-    def to_dense_module(self, decompressed: torch.Tensor | None = None) -> nn.Module:
-        """As :meth:`SparseLinear2to4.to_dense_module`; in memory mode this member's rows of the decompressed group
-        (``decompressed``, when the caller already has them from :meth:`_FusedGroup.decompress_rows`)."""
-        weight = self.weight
-        if weight is None:
-            rows = decompressed if decompressed is not None else self._group.decompress_rows()[self._index]
-            weight = self._dense_parameter(rows)
-        return self._dense_module(weight)
-
-    @property
-    def compressed_nbytes(self) -> int:
-        """This member's share (by rows) of the group's compressed bytes; the shares sum to the group's bytes."""
-        return self._group.shares[self._index]
-
-    def extra_repr(self) -> str:
-        start, stop = self._group.bounds[self._index]
-        group = self._group
-        return (
-            f"{super().extra_repr()}, fused=({', '.join(group.names)}), "
-            f"rows={start}:{stop} of {group.total_out}x{group.in_features}"
         )
 
 
@@ -1002,50 +664,6 @@ def _validate_min_tokens(min_tokens: int | str | None, mode: str) -> None:
         )
 
 
-def _resolve_for_model(backend: str, device: torch.device) -> str:
-    """The backend the layers on ``device`` get: ``"dense"`` off CUDA (logged), else :func:`resolve_backend`."""
-    resolved = resolve_backend(backend, device if device.type == "cuda" else None)
-    if resolved != "dense" and device.type != "cuda":
-        logger.warning("The model is on %s, not CUDA; 2:4 layers keep dense matmuls.", device)
-        resolved = "dense"
-    return resolved
-
-
-def _measured_entry(
-    cache: _DispatchCache,
-    backend: str,
-    weight_fn: Callable[[], torch.Tensor],
-    shape: tuple[int, int],
-    dtype: torch.dtype,
-    tune_for: str,
-) -> DispatchEntry:
-    """The cached dispatch of ``shape`` ``[out, in]``, measured on ``weight_fn()`` (built only when needed) if absent."""
-    key = cache.key(backend, dtype, shape[0], shape[1], tune_for)
-    entry = cache.get(key)
-    if entry is None:
-        with torch.no_grad():
-            entry = _tune_shape(backend, weight_fn(), tune_for, TUNE_BUCKETS, select_alg=True)
-        cache.put(key, entry)
-        logger.info(
-            "2:4 dispatch for %s %s %dx%d: alg %d, sparse from %s tokens (dense ms %s, sparse ms %s)",
-            backend,
-            dtype,
-            shape[0],
-            shape[1],
-            entry.alg_id,
-            "never" if entry.min_tokens >= NEVER else entry.min_tokens,
-            entry.dense_ms,
-            entry.sparse_ms,
-        )
-    return entry
-
-
-def _chosen_threshold(entry: DispatchEntry, min_tokens: int | str | None) -> int:
-    if min_tokens == "auto":
-        return entry.min_tokens
-    return 0 if min_tokens is None else int(min_tokens)
-
-
 def to_sparse_kernels(
     model: nn.Module,
     *,
@@ -1056,7 +674,6 @@ def to_sparse_kernels(
     tune_for: str = "eager",
     cache_dir: str | os.PathLike | None = None,
     config=None,
-    fuse_projections: bool = True,
 ) -> nn.Module:
     """Swap every exactly-2:4 target linear of ``model`` (in place) for a :class:`SparseLinear2to4`.
 
@@ -1074,9 +691,6 @@ def to_sparse_kernels(
             replays; use when the model runs under CUDA graphs).
         cache_dir: where the measured dispatch is cached (default :func:`default_cache_dir`).
         config: optional ``ProxSparseConfig`` giving ``target_modules`` / ``exclude_modules``.
-        fuse_projections: compress sibling targets that read the same input (``FUSION_SETS``: q/k/v, gate/up ...) as
-            one matrix run as one sparse GEMM (:class:`FusedSparseMember`); tuned as the fused shape. Needs a sparse
-            backend; ignored with ``"dense"``.
 
     Returns:
         ``model``, modified in place.
@@ -1089,8 +703,6 @@ def to_sparse_kernels(
         raise ValueError(f"`mode`={mode!r} is not one of {MODES}.")
     if tune_for not in TUNE_MODES:
         raise ValueError(f"`tune_for`={tune_for!r} is not one of {TUNE_MODES}.")
-    if not isinstance(fuse_projections, bool):
-        raise ValueError(f"`fuse_projections`={fuse_projections!r} must be a bool (True or False).")
     _validate_min_tokens(min_tokens, mode)
     targets = [
         t
@@ -1104,103 +716,81 @@ def to_sparse_kernels(
         _check_2to4(target.grouped(target.weight.detach()), target.name)
 
     device = targets[0].weight.device
-    resolved = _resolve_for_model(backend, device)
+    resolved = resolve_backend(backend, device if device.type == "cuda" else None)
+    if resolved != "dense" and device.type != "cuda":
+        logger.warning("The model is on %s, not CUDA; 2:4 layers keep dense matmuls.", device)
+        resolved = "dense"
     if resolved == "dense" and mode == "memory":
         logger.warning("`mode`='memory' needs sparse kernels; keeping the dense weights (speed mode).")
         mode = "speed"
     cache = _DispatchCache(cache_dir, device) if resolved != "dense" else None
-
-    # conversion units in module order: a fusion group at its first member, every other target alone
-    groups = _fusion_groups(model, targets) if fuse_projections and resolved != "dense" else []
-    group_of = {t.name: group for group in groups for t in group}
-    units: list[list[Target]] = []
+    converted = skipped = kept_dense = 0
     for target in targets:
-        group = group_of.get(target.name)
-        if group is None:
-            units.append([target])
-        elif not any(unit is group for unit in units):
-            units.append(group)
-
-    converted = skipped = kept_dense = fused = 0
-    for unit in units:
-        if len(unit) > 1 and not any(
-            _unsupported_reason(resolved, t.grouped(t.weight.detach()), device) for t in unit
-        ):
-            shape = (sum(t.grouped(t.weight).shape[0] for t in unit), unit[0].grouped(unit[0].weight).shape[1])
-            entry = _measured_entry(
-                cache,
-                resolved,
-                lambda unit=unit: torch.cat([t.grouped(t.weight.detach()) for t in unit]),
-                shape,
-                unit[0].weight.dtype,
-                tune_for,
-            )
-            threshold = _chosen_threshold(entry, min_tokens)
-            names = [t.name for t in unit]
-            if mode == "speed" and threshold >= NEVER:
-                logger.info(
-                    "Layers %s stay nn.Linear: the sparse kernel never beat dense for their fused shape %dx%d.",
-                    ", ".join(f"`{n}`" for n in names),
-                    *shape,
-                )
-                kept_dense += len(unit)
+        module = target.module
+        layer_backend = resolved
+        grouped = target.grouped(module.weight.detach())
+        out_features, in_features = grouped.shape
+        if layer_backend != "dense":
+            reason = _unsupported_reason(layer_backend, grouped, device)
+            if reason:
+                logger.warning("Layer `%s` keeps a dense matmul: %s.", target.name, reason)
+                skipped += 1
                 continue
-            with torch.no_grad():
-                members = FusedSparseMember.from_linears(
-                    [t.module for t in unit],
-                    names=names,
-                    backend=resolved,
-                    min_tokens=threshold,
-                    mode=mode,
-                    alg_id=entry.alg_id,
+        alg_id, threshold = 0, NEVER
+        if layer_backend != "dense":
+            key = cache.key(layer_backend, grouped.dtype, out_features, in_features, tune_for)
+            entry = cache.get(key)
+            if entry is None:
+                with torch.no_grad():
+                    entry = _tune_shape(layer_backend, grouped, tune_for, TUNE_BUCKETS, select_alg=True)
+                cache.put(key, entry)
+                logger.info(
+                    "2:4 dispatch for %s %s %dx%d: alg %d, sparse from %s tokens (dense ms %s, sparse ms %s)",
+                    layer_backend,
+                    grouped.dtype,
+                    out_features,
+                    in_features,
+                    entry.alg_id,
+                    "never" if entry.min_tokens >= NEVER else entry.min_tokens,
+                    entry.dense_ms,
+                    entry.sparse_ms,
                 )
-            for name, member in zip(names, members):
-                _set_submodule(model, name, member)
-            converted += len(unit)
-            fused += 1
-            continue
-        # a single target, or members of a group that cannot be fused (each then logs why it stays dense, if it does)
-        for target in unit:
-            module = target.module
-            grouped = target.grouped(module.weight.detach())
-            if resolved != "dense":
-                reason = _unsupported_reason(resolved, grouped, device)
-                if reason:
-                    logger.warning("Layer `%s` keeps a dense matmul: %s.", target.name, reason)
-                    skipped += 1
-                    continue
-            alg_id, threshold = 0, 0
-            if resolved != "dense":
-                entry = _measured_entry(
-                    cache, resolved, lambda g=grouped: g, tuple(grouped.shape), grouped.dtype, tune_for
+            alg_id = entry.alg_id
+            if min_tokens == "auto":
+                threshold = entry.min_tokens
+            elif min_tokens is None:
+                threshold = 0
+            else:
+                threshold = int(min_tokens)
+            if mode == "speed" and threshold >= NEVER:
+                # leave the nn.Linear as it is: not even the wrapper's call overhead on the decode path
+                logger.info(
+                    "Layer `%s` stays nn.Linear: the sparse kernel never beat dense for its shape.", target.name
                 )
-                alg_id = entry.alg_id
-                threshold = _chosen_threshold(entry, min_tokens)
-                if mode == "speed" and threshold >= NEVER:
-                    # leave the nn.Linear as it is: not even the wrapper's call overhead on the decode path
-                    logger.info(
-                        "Layer `%s` stays nn.Linear: the sparse kernel never beat dense for its shape.", target.name
-                    )
-                    kept_dense += 1
-                    continue
-            with torch.no_grad():
-                new = SparseLinear2to4.from_linear(
-                    module, backend=resolved, min_tokens=threshold, mode=mode, alg_id=alg_id, name=target.name
-                )
-            _set_submodule(model, target.name, new)
-            converted += 1
+                kept_dense += 1
+                continue
+        with torch.no_grad():
+            new = SparseLinear2to4.from_linear(
+                module,
+                backend=layer_backend,
+                min_tokens=threshold if layer_backend != "dense" else 0,
+                mode=mode if layer_backend != "dense" else "speed",
+                alg_id=alg_id,
+                name=target.name,
+            )
+        _set_submodule(model, target.name, new)
+        converted += 1
     if cache is not None:
         try:
             cache.save()
         except OSError as exc:
             logger.warning("Could not write the dispatch cache %s (%s).", cache.file, exc)
     logger.info(
-        "Converted %d layer(s) to SparseLinear2to4 (backend %s, mode %s, %d fused group(s)); %d unsupported and %d "
-        "slower-than-dense layer(s) left as they were.",
+        "Converted %d layer(s) to SparseLinear2to4 (backend %s, mode %s); %d unsupported and %d slower-than-dense "
+        "layer(s) left as they were.",
         converted,
         resolved,
         mode,
-        fused,
         skipped,
         kept_dense,
     )
@@ -1229,22 +819,13 @@ def to_dense_kernels(model: nn.Module) -> nn.Module:
     """Replace every :class:`SparseLinear2to4` of ``model`` (in place) by an ``nn.Linear`` / ``Conv1D`` holding its
     weight.
 
-    Speed mode hands back the very same weight Parameters (bit-exact); memory mode decompresses exactly (a fused group
-    once, split into its members' rows).
+    Speed mode hands back the very same weight Parameters (bit-exact); memory mode decompresses exactly.
     """
     names = [name for name, module in model.named_modules() if isinstance(module, SparseLinear2to4)]
-    decompressed: dict[_FusedGroup, list[torch.Tensor]] = {}  # memory-mode fused groups: decompressed once
     for name in names:
         module = model.get_submodule(name)
         with torch.no_grad():
-            if isinstance(module, FusedSparseMember) and module.weight is None:
-                group = module._group
-                if group not in decompressed:
-                    decompressed[group] = group.decompress_rows()
-                dense = module.to_dense_module(decompressed[group][module._index])
-            else:
-                dense = module.to_dense_module()
-        _set_submodule(model, name, dense)
+            _set_submodule(model, name, module.to_dense_module())
     return model
 
 
@@ -1258,8 +839,6 @@ class SparseWeightMemory:
         dense_bytes: bytes their weights take dense.
         compressed_bytes: bytes of the compressed weights (kept values + metadata).
         resident_bytes: bytes actually held (compressed + dense weights kept for the fallback).
-        fused_groups: how many fused groups the layers form (each group's compressed matrix is counted once, split
-            among its members by rows).
     """
 
     layers: int
@@ -1267,7 +846,6 @@ class SparseWeightMemory:
     dense_bytes: int
     compressed_bytes: int
     resident_bytes: int
-    fused_groups: int = 0
 
     @property
     def compressed_ratio(self) -> float:
@@ -1285,7 +863,6 @@ class SparseWeightMemory:
 def sparse_weight_memory(model: nn.Module) -> SparseWeightMemory:
     """Bytes of the compressed 2:4 representation vs dense, over the :class:`SparseLinear2to4` layers of ``model``."""
     layers = sparse = dense = compressed = resident = 0
-    groups: set[int] = set()
     for module in model.modules():
         if not isinstance(module, SparseLinear2to4):
             continue
@@ -1294,6 +871,4 @@ def sparse_weight_memory(model: nn.Module) -> SparseWeightMemory:
         compressed += module.compressed_nbytes
         resident += module.compressed_nbytes + (module.dense_nbytes if module.weight is not None else 0)
         sparse += int(module.compressed_nbytes > 0)
-        if isinstance(module, FusedSparseMember):
-            groups.add(id(module._group))
-    return SparseWeightMemory(layers, sparse, dense, compressed, resident, len(groups))
+    return SparseWeightMemory(layers, sparse, dense, compressed, resident)

@@ -48,6 +48,8 @@ class LearnResult:
         tokens: training tokens seen (all processes together).
         pruned_model: with sharded training (FSDP), a plain (unsharded) copy of the pruned model on the main process
             (None on the other ranks); None when the model was not sharded — then ``model`` itself is the pruned model.
+        peak_gpu_memory_gib: peak allocated GPU memory during training, ``{"rank<r>/cuda:<d>": GiB}`` for every
+            process and GPU it used (empty without CUDA).
     """
 
     masks: dict[str, torch.Tensor]
@@ -60,6 +62,7 @@ class LearnResult:
     steps: int = 0
     tokens: int = 0
     pruned_model: nn.Module | None = None
+    peak_gpu_memory_gib: dict[str, float] = field(default_factory=dict)
 
 
 def learn_mask(
@@ -150,9 +153,11 @@ def learn_mask(
             callbacks=[callback, *(callbacks or [])],
             **extra,
         )
+        _reset_peak_gpu_memory()
         start = time.perf_counter()
         trainer.train()
         wall = time.perf_counter() - start
+        peak_memory = peak_gpu_memory_gib()
         if fsdp and not getattr(trainer, "is_fsdp_enabled", False):
             logger.warning(
                 "`fsdp` was requested but accelerate did not enable FSDP (it needs GPUs and a multi-process "
@@ -189,7 +194,32 @@ def learn_mask(
         steps=steps,
         tokens=tokens,
         pruned_model=pruned_model,
+        peak_gpu_memory_gib=peak_memory,
     )
+
+
+def _reset_peak_gpu_memory() -> None:
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            torch.cuda.reset_peak_memory_stats(index)
+
+
+def peak_gpu_memory_gib() -> dict[str, float]:
+    """Peak allocated memory of every GPU of every process since the last reset, ``{"rank<r>/cuda:<d>": GiB}``
+    (GPUs a process never allocated on are left out; empty without CUDA). A collective under ``torch.distributed``."""
+    from .distributed import all_reduce_tensors, rank, world_size
+
+    devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    table = torch.zeros(world_size(), max(devices, 1), dtype=torch.float64)
+    for index in range(devices):
+        table[rank(), index] = torch.cuda.max_memory_allocated(index) / 2**30
+    (table,) = all_reduce_tensors([table])
+    return {
+        f"rank{r}/cuda:{d}": round(float(table[r, d]), 3)
+        for r in range(table.shape[0])
+        for d in range(devices)
+        if table[r, d] > 0
+    }
 
 
 def _gather_pruned_model(trainer, model: nn.Module) -> nn.Module | None:

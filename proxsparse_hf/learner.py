@@ -308,14 +308,11 @@ class MaskLearner:
             kwargs = dict(
                 max_iter=self.config.solver_max_iter, tol=self.config.solver_tol, backend=self.config.solver_backend
             )
-            scale = self.column_scale.get(s.name)
-            if scale is not None:  # prox in the scaled coordinates W·s (fp32 work copy of one layer)
-                work = view.float() * scale
-                prox_2to4_(work, layer_lam, **kwargs)
-                view.copy_(work.div_(scale))
-            elif view.is_contiguous():
+            # importance="activation": the prox runs in the scaled coordinates W·s, fused into the same pass
+            kwargs["column_scale"] = self.column_scale.get(s.name)
+            if view.is_contiguous():
                 prox_2to4_(view, layer_lam, **kwargs)
-            else:
+            else:  # a Conv1D's grouped view is transposed: one coalesced copy beats strided groups
                 view.copy_(prox_2to4(view.contiguous(), layer_lam, **kwargs))
         return True
 

@@ -45,15 +45,24 @@ def load_model_and_tokenizer(
     revision: str | None = None,
     dtype: str | torch.dtype | None = "auto",
     device: str | None = None,
+    device_map: str | dict[str, Any] | None = None,
     token: str | None = None,
     trust_remote_code: bool = False,
 ) -> tuple[Any, Any]:
     """``AutoModelForCausalLM`` + ``AutoTokenizer`` from a local folder or Hub id.
 
     A path to a ``.gguf`` file is accepted as ``name_or_path`` (its folder and file name are split); GGUF weights are
-    de-quantised by transformers (needs ``pip install gguf``).
+    de-quantised by transformers (needs ``pip install gguf``). ``device`` moves the whole model to one device;
+    ``device_map`` (``"auto"``, ``"balanced"``, ``"balanced_low_0"``, ``"sequential"``, a device, or a
+    ``{module: device}`` dict) splits it across devices through accelerate, as in ``from_pretrained``.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if device is not None and device_map is not None:
+        raise ValueError(
+            f"`device`={device!r} and `device_map`={device_map!r} are exclusive; give one (device_map splits the "
+            "model across devices, device moves all of it to one)."
+        )
 
     if gguf_file is None and str(name_or_path).endswith(".gguf"):
         if not os.path.isfile(name_or_path):
@@ -64,7 +73,8 @@ def load_model_and_tokenizer(
         kwargs["gguf_file"] = gguf_file
     torch_dtype = resolve_dtype(dtype)
     logger.info("Loading %s%s", name_or_path, f" ({gguf_file})" if gguf_file else "")
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype, **kwargs)
+    load_kwargs = {"device_map": device_map} if device_map is not None else {}
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype, **kwargs, **load_kwargs)
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token

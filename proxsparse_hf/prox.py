@@ -59,7 +59,15 @@ _BISECT_ITERS = 40
 _NEWTON_ITERS = 8
 
 
-def _validate(weight: Tensor, lam: float, max_iter: int, tol: float, backend: str, chunk_groups: int) -> None:
+def _validate(
+    weight: Tensor,
+    lam: float,
+    max_iter: int,
+    tol: float,
+    backend: str,
+    chunk_groups: int,
+    column_scale: Tensor | None = None,
+) -> None:
     if not isinstance(weight, Tensor):
         raise TypeError(f"`weight` must be a torch.Tensor, got {type(weight).__name__}.")
     if weight.dtype not in _FLOAT_DTYPES:
@@ -79,6 +87,20 @@ def _validate(weight: Tensor, lam: float, max_iter: int, tol: float, backend: st
         raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}.")
     if isinstance(chunk_groups, bool) or not isinstance(chunk_groups, int) or chunk_groups < 1:
         raise ValueError(f"`chunk_groups` must be an integer >= 1, got {chunk_groups!r}.")
+    if column_scale is not None:
+        if not isinstance(column_scale, Tensor) or column_scale.dim() != 1 or column_scale.numel() != weight.shape[-1]:
+            shape = tuple(column_scale.shape) if isinstance(column_scale, Tensor) else type(column_scale).__name__
+            raise ValueError(
+                f"`column_scale` must be a 1-D tensor with one entry per column ({weight.shape[-1]}), got {shape}."
+            )
+        if column_scale.device != weight.device:
+            raise ValueError(
+                f"`column_scale` is on {column_scale.device}, `weight` on {weight.device}; use one device."
+            )
+        # values are checked on the CPU only: on a GPU the check would cost a device sync in every training step
+        # (MaskLearner validates its scales once, when it builds them)
+        if column_scale.device.type == "cpu" and not bool((torch.isfinite(column_scale) & (column_scale > 0)).all()):
+            raise ValueError("`column_scale` must be finite and > 0 everywhere.")
 
 
 def _triton_available() -> bool:
@@ -119,6 +141,7 @@ def prox_2to4(
     tol: float = DEFAULT_TOL,
     backend: str = "auto",
     chunk_groups: int = DEFAULT_CHUNK_GROUPS,
+    column_scale: Tensor | None = None,
 ) -> Tensor:
     """Exact proximal operator of ``lam * R`` on every group of 4 consecutive weights along the last dimension.
 
@@ -130,13 +153,18 @@ def prox_2to4(
         tol: convergence tolerance, relative to the largest magnitude in the group, on the distance to the minimiser.
         backend: ``"auto"`` (Triton kernel on CUDA when available, torch otherwise), ``"torch"`` or ``"triton"``.
         chunk_groups: groups processed at once by the torch path (bounds its temporary memory).
+        column_scale: optional positive float32 vector ``s`` with one entry per column (``weight.shape[-1]``): the prox
+            then runs in the scaled coordinates, ``prox(W · diag(s)) / s`` (ProxSparse's ``importance="activation"``),
+            fused into the same pass (no scaled copy of the weight is made).
 
     Returns:
         A new tensor with the same shape and dtype; the math is done in float32.
     """
-    _validate(weight, lam, max_iter, tol, backend, chunk_groups)
+    _validate(weight, lam, max_iter, tol, backend, chunk_groups, column_scale)
     out = weight.detach().clone()
-    return prox_2to4_(out, lam, max_iter=max_iter, tol=tol, backend=backend, chunk_groups=chunk_groups)
+    return prox_2to4_(
+        out, lam, max_iter=max_iter, tol=tol, backend=backend, chunk_groups=chunk_groups, column_scale=column_scale
+    )
 
 
 def prox_2to4_(
@@ -147,26 +175,30 @@ def prox_2to4_(
     tol: float = DEFAULT_TOL,
     backend: str = "auto",
     chunk_groups: int = DEFAULT_CHUNK_GROUPS,
+    column_scale: Tensor | None = None,
 ) -> Tensor:
     """In-place version of :func:`prox_2to4`; works on views with any strides and returns ``weight``.
 
     The torch path allocates only a few temporaries of ``chunk_groups`` groups; the Triton kernel none.
     """
-    _validate(weight, lam, max_iter, tol, backend, chunk_groups)
+    _validate(weight, lam, max_iter, tol, backend, chunk_groups, column_scale)
     if lam == 0 or weight.numel() == 0:
         return weight
     resolved = resolve_backend(backend, weight.device)
+    scale = None if column_scale is None else column_scale.detach().to(torch.float32).contiguous()
     with torch.no_grad():
         if resolved == "triton":
             from .kernels import prox_2to4_triton_
 
-            prox_2to4_triton_(weight, float(lam), max_iter=max_iter, tol=float(tol))
+            prox_2to4_triton_(weight, float(lam), max_iter=max_iter, tol=float(tol), column_scale=scale)
         else:
-            _prox_torch_(weight, float(lam), max_iter, float(tol), chunk_groups)
+            _prox_torch_(weight, float(lam), max_iter, float(tol), chunk_groups, scale)
     return weight
 
 
-def _prox_torch_(weight: Tensor, lam: float, max_iter: int, tol: float, chunk_groups: int) -> None:
+def _prox_torch_(
+    weight: Tensor, lam: float, max_iter: int, tol: float, chunk_groups: int, scale: Tensor | None = None
+) -> None:
     if weight.dim() == 1:
         weight = weight.unsqueeze(0)
     if weight.dim() > 2:
@@ -174,9 +206,9 @@ def _prox_torch_(weight: Tensor, lam: float, max_iter: int, tol: float, chunk_gr
             weight = weight.view(-1, weight.shape[-1])
         except RuntimeError:
             for sub in weight.unbind(0):
-                _prox_torch_(sub, lam, max_iter, tol, chunk_groups)
+                _prox_torch_(sub, lam, max_iter, tol, chunk_groups, scale)
             return
-    _Prox2D(weight, lam, max_iter, tol, chunk_groups).run()
+    _Prox2D(weight, lam, max_iter, tol, chunk_groups, scale).run()
 
 
 class _Prox2D:
@@ -187,8 +219,11 @@ class _Prox2D:
     do not cost one exact solve per chunk.
     """
 
-    def __init__(self, weight: Tensor, lam: float, max_iter: int, tol: float, chunk_groups: int) -> None:
+    def __init__(
+        self, weight: Tensor, lam: float, max_iter: int, tol: float, chunk_groups: int, scale: Tensor | None = None
+    ) -> None:
         self.weight, self.lam, self.max_iter, self.tol, self.chunk = weight, lam, max_iter, tol, chunk_groups
+        self.scale = scale  # per column; the prox runs on weight * scale and writes (result / scale)
         self.groups_per_row = weight.shape[1] // 4
         self.queue_idx: list[Tensor] = []
         self.queue_val: list[Tensor] = []
@@ -201,15 +236,17 @@ class _Prox2D:
             span = self.chunk * 4
             for r in range(rows):
                 for c0 in range(0, cols, span):
-                    self._fast(self.weight[r, c0 : c0 + span], r * gpr + c0 // 4)
+                    self._fast(self.weight[r, c0 : c0 + span], r * gpr + c0 // 4, slice(c0, c0 + span))
         else:
             step = max(1, self.chunk // gpr)
             for r0 in range(0, rows, step):
-                self._fast(self.weight[r0 : r0 + step], r0 * gpr)
+                self._fast(self.weight[r0 : r0 + step], r0 * gpr, slice(None))
         self._flush()
 
-    def _fast(self, part: Tensor, first_group: int) -> None:
-        v = part.to(torch.float32).reshape(-1, 4)
+    def _fast(self, part: Tensor, first_group: int, columns: slice) -> None:
+        scale = None if self.scale is None else self.scale[columns]
+        v = part.to(torch.float32) if scale is None else part.to(torch.float32) * scale
+        v = v.reshape(-1, 4)
         a = v.abs().t().contiguous()
         w, pending = _convex_descent(a, self.lam, self.max_iter, self.tol)
         idx = pending.nonzero().squeeze(1)
@@ -219,7 +256,8 @@ class _Prox2D:
             self.queued += idx.numel()
         out = torch.empty_like(v)
         out.copy_(w.t())
-        part.copy_(out.copysign_(v).view(part.shape))
+        out = out.copysign_(v).view(part.shape)
+        part.copy_(out if scale is None else out.div_(scale))
         if self.queued >= self.chunk:
             self._flush()
 
@@ -235,7 +273,10 @@ class _Prox2D:
             w = _exact_sorted(vi.abs().t().contiguous(), self.lam, self.max_iter, self.tol).t()
             rows = torch.div(gi, self.groups_per_row, rounding_mode="floor")
             cols = (gi - rows * self.groups_per_row).mul_(4).unsqueeze(1) + torch.arange(4, device=gi.device)
-            self.weight[rows.unsqueeze(1), cols] = torch.copysign(w, vi).to(self.weight.dtype)
+            out = torch.copysign(w, vi)
+            if self.scale is not None:
+                out = out.div_(self.scale[cols])
+            self.weight[rows.unsqueeze(1), cols] = out.to(self.weight.dtype)
 
 
 def solve_groups(v: Tensor, lam: float, *, max_iter: int = DEFAULT_MAX_ITER, tol: float = DEFAULT_TOL) -> Tensor:

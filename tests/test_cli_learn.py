@@ -117,6 +117,58 @@ def test_learn_bad_input_is_one_clear_error(tiny_setup, capsys, flags, match):
     assert not (tmp / "out").exists()
 
 
+def _learn_placed(tmp, *placement):
+    """``_learn`` with the model placement flags given here instead of ``--device cpu``."""
+    argv = ["learn", str(tmp / "model"), "--dataset", str(tmp / "calib.jsonl"), "--seq-len", "32", "--n-samples", "4"]
+    return main([*argv, "--logging-steps", "2", "--output-dir", str(tmp / "out"), *placement])
+
+
+@pytest.mark.parametrize(
+    "flags,match",
+    [
+        (["--device-map", "auto", "--device", "cpu"], "cannot be combined with `--device`"),
+        (["--device-map", "auto", "--fsdp"], "cannot be combined with `--fsdp`"),
+        (["--device-map", "everywhere"], "allowed: auto, balanced, balanced_low_0, sequential"),
+        (["--device-map", "{not json"], "is not valid JSON"),
+        (["--device-map", "[]"], "allowed: auto"),
+        (["--device-map", "{}"], "non-empty JSON object"),
+    ],
+)
+def test_learn_device_map_bad_input(tiny_setup, capsys, flags, match):
+    tmp, _ = tiny_setup
+    with pytest.raises(SystemExit) as exc:
+        _learn_placed(tmp, *flags)
+    assert exc.value.code == 2
+    assert match in capsys.readouterr().err
+    assert not (tmp / "out").exists()
+
+
+def test_learn_device_map_refused_under_a_multi_process_launch(tiny_setup, capsys, monkeypatch):
+    tmp, _ = tiny_setup
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit):
+        _learn_placed(tmp, "--device-map", "auto")
+    assert "WORLD_SIZE=2" in capsys.readouterr().err
+    assert not (tmp / "out").exists()
+
+
+@pytest.mark.parametrize("device_map", ["auto", '{"": "cpu"}'])
+def test_learn_with_a_device_map(tiny_setup, capsys, device_map):
+    tmp, original = tiny_setup
+    assert _learn_placed(tmp, "--device-map", device_map) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["layers_2to4"] == summary["target_layers"] == 14
+    assert summary["peak_gpu_memory_gib"] == {}  # CPU only
+    result = load_output_dir(tmp / "out")
+    assert result.run_info["device_map"] == {"cpu": [""]}
+    masks = load_masks(tmp / "out" / MASKS_NAME)
+    from transformers import AutoModelForCausalLM
+
+    pruned = AutoModelForCausalLM.from_pretrained(tmp / "out").state_dict()
+    for name, mask in masks.items():
+        assert is_2to4(pruned[name]) and torch.equal(pruned[name][mask], original[name][mask])
+
+
 def test_learn_from_saved_config_and_distillation(tiny_setup):
     tmp, _ = tiny_setup
     ProxSparseConfig(lambda1=0.7, target_modules=["q_proj", "v_proj"]).save_pretrained(tmp / "recipe")

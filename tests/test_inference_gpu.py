@@ -1,9 +1,8 @@
 """GPU tests of the 2:4 kernels: numerics vs the dense masked model (bf16/fp16), generate() with KV cache, CUDA graphs,
-memory mode, measured dispatch, projection fusion. Skipped without CUDA / sparse tensor cores."""
+memory mode, measured dispatch. Skipped without CUDA / sparse tensor cores."""
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
@@ -13,7 +12,6 @@ from torch import nn
 
 from proxsparse_hf.inference import (
     NEVER,
-    FusedSparseMember,
     SparseLinear2to4,
     fp16_cusparselt_blocked,
     sparse_kernels_available,
@@ -47,35 +45,23 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
-def _groups(model: nn.Module) -> list:
-    """The distinct fused groups of ``model``."""
-    groups = []
-    for module in model.modules():
-        if isinstance(module, FusedSparseMember) and not any(g is module._group for g in groups):
-            groups.append(module._group)
-    return groups
-
-
-@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
-def test_logits_match_dense_masked_model(dtype, fuse, tmp_path):
+def test_logits_match_dense_masked_model(dtype, tmp_path):
     _skip_blocked_fp16(dtype)
     model = _pruned(dtype)
     ids = torch.randint(0, 256, (2, 40), device="cuda")
     with torch.no_grad():
         ref = model(ids).logits
-        to_sparse_kernels(model, min_tokens=None, cache_dir=tmp_path, fuse_projections=fuse)  # always sparse
+        to_sparse_kernels(model, min_tokens=None, cache_dir=tmp_path)  # always sparse
         layers = [m for m in model.modules() if isinstance(m, SparseLinear2to4)]
         assert layers and all(m.backend == "cusparselt" and m.min_tokens == 0 for m in layers)
-        assert len(_groups(model)) == (4 if fuse else 0)
         out = model(ids).logits
     assert torch.isfinite(out).all()
     assert _rel(out, ref) < 2e-2
 
 
-@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
-def test_generate_with_kv_cache_prefill_sparse_decode_dense(dtype, fuse, tmp_path):
+def test_generate_with_kv_cache_prefill_sparse_decode_dense(dtype, tmp_path):
     _skip_blocked_fp16(dtype)
     model = _pruned(dtype)
     ids = torch.randint(1, 256, (3, 24), device="cuda")
@@ -84,11 +70,9 @@ def test_generate_with_kv_cache_prefill_sparse_decode_dense(dtype, fuse, tmp_pat
     )
     with torch.no_grad():
         ref = model.generate(ids, attention_mask=torch.ones_like(ids), pad_token_id=0, **kwargs)
-        # prefill (72 rows) sparse, decode (3 rows) dense
-        to_sparse_kernels(model, min_tokens=64, cache_dir=tmp_path, fuse_projections=fuse)
+        to_sparse_kernels(model, min_tokens=64, cache_dir=tmp_path)  # prefill (72 rows) sparse, decode (3 rows) dense
         calls = {"sparse": 0}
         layer = model.model.layers[0].mlp.up_proj
-        assert isinstance(layer, FusedSparseMember) == fuse  # fused: the kernel is gate_proj + up_proj's
         original = layer._kernel.mm
 
         def counting(x2d, bias):
@@ -137,7 +121,7 @@ def test_memory_mode_keeps_only_compressed_weight_and_round_trips_exactly(dtype,
         ref = model(ids).logits
         to_sparse_kernels(model, mode="memory", cache_dir=tmp_path)
         report = sparse_weight_memory(model)
-        assert report.sparse_layers == report.layers == 14 and report.fused_groups == 4  # q/k/v, gate/up fused
+        assert report.sparse_layers == report.layers == 14
         assert 0.5 <= report.compressed_ratio <= 0.6 and report.resident_bytes == report.compressed_bytes
         assert model.model.layers[0].mlp.up_proj.weight is None
         assert _rel(model(ids).logits, ref) < 2e-2
@@ -177,97 +161,3 @@ def test_blocked_fp16_stays_dense(tmp_path, caplog):
         assert all(not isinstance(m, SparseLinear2to4) for m in model.modules())
         assert torch.equal(model(ids).logits, ref)
     assert "float16 kernels of cuSPARSELt" in caplog.text
-
-
-def _recording(mm, calls: list):
-    def recorded(x2d: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        calls.append(tuple(x2d.shape))
-        return mm(x2d, bias)
-
-    return recorded
-
-
-def test_fused_unfused_and_dense_logits_agree(tmp_path):
-    dense = _pruned(torch.bfloat16)
-    fused, unfused = copy.deepcopy(dense), copy.deepcopy(dense)
-    ids = torch.randint(0, 256, (2, 40), device="cuda")
-    with torch.no_grad():
-        ref = dense(ids).logits
-        to_sparse_kernels(fused, min_tokens=None, cache_dir=tmp_path)
-        to_sparse_kernels(unfused, min_tokens=None, cache_dir=tmp_path, fuse_projections=False)
-        groups = _groups(fused)
-        assert len(groups) == 4 and not _groups(unfused)
-        assert [g.total_out for g in groups] == [256, 512, 256, 512]  # q 128 + k 64 + v 64; gate 256 + up 256
-        calls = []
-        for group in groups:  # record the fused GEMMs: one per group and forward
-            group.kernel.mm = _recording(group.kernel.mm, calls)
-        out_fused = fused(ids).logits
-        out_unfused = unfused(ids).logits
-    assert len(calls) == 4 and all(shape == (80, 128) for shape in calls)
-    assert all(g._entry is None for g in groups)
-    assert torch.isfinite(out_fused).all()
-    assert _rel(out_fused, ref) < 2e-2
-    assert _rel(out_fused, out_unfused) < 1e-2
-
-
-def test_fused_generate_gives_the_unfused_tokens(tmp_path):
-    fused = _pruned(torch.bfloat16)
-    unfused = copy.deepcopy(fused)
-    ids = torch.randint(1, 256, (8, 24), device="cuda")
-    kwargs = dict(
-        attention_mask=torch.ones_like(ids),
-        pad_token_id=0,
-        max_new_tokens=8,
-        min_new_tokens=8,  # the EOS logit is -inf throughout: eight steps for every row
-        do_sample=False,
-        output_scores=True,
-        return_dict_in_generate=True,
-    )
-    with torch.no_grad():
-        # prefill (192 rows) sparse, decode (8 rows) dense
-        to_sparse_kernels(fused, min_tokens=64, cache_dir=tmp_path)
-        to_sparse_kernels(unfused, min_tokens=64, cache_dir=tmp_path, fuse_projections=False)
-        a = fused.generate(ids, **kwargs)
-        b = unfused.generate(ids, **kwargs)
-    assert len(_groups(fused)) == 4 and all(g._entry is None for g in _groups(fused))
-    finite = torch.isfinite(b.scores[0])
-    assert torch.equal(finite, torch.isfinite(a.scores[0]))
-    assert _rel(a.scores[0][finite], b.scores[0][finite]) < 1e-2  # the prefill's logits
-    # the same greedy tokens; a row is compared up to its first near-tie (top-2 logits within two bf16 ulps), where
-    # rounding noise may legitimately pick the other token
-    checked = 0
-    for row in range(ids.shape[0]):
-        for step, scores in enumerate(b.scores):
-            top = scores[row].float().topk(2).values
-            if top[0] - top[1] <= 2 * torch.finfo(torch.bfloat16).eps * top[0].abs():
-                break
-            assert a.sequences[row, 24 + step] == b.sequences[row, 24 + step], (row, step)
-            checked += 1
-    assert checked >= 16  # of 64 tokens
-
-
-def test_fused_forward_cuda_graph_capture_and_replay(tmp_path):
-    model = _pruned(torch.bfloat16)
-    dense = copy.deepcopy(model)
-    ids = torch.randint(0, 256, (2, 40), device="cuda")
-    with torch.no_grad():
-        to_sparse_kernels(model, min_tokens=None, cache_dir=tmp_path)
-        groups = _groups(model)
-        assert len(groups) == 4
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            model(input_ids=ids, use_cache=False)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            captured = model(input_ids=ids, use_cache=False).logits
-        assert all(g._entry is None for g in groups)  # nothing held from the capture
-        ids.copy_(torch.randint(0, 256, ids.shape, device="cuda"))
-        graph.replay()
-        torch.cuda.synchronize()
-        replayed = captured.clone()
-        eager = model(input_ids=ids, use_cache=False).logits
-        ref = dense(input_ids=ids, use_cache=False).logits
-    assert _rel(replayed, eager) < 1e-3
-    assert _rel(replayed, ref) < 2e-2

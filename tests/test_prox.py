@@ -305,6 +305,11 @@ def test_package_import_does_not_import_triton():
         ({"tol": 1.5}, ValueError, "`tol`"),
         ({"backend": "cuda"}, ValueError, "`backend` must be one of"),
         ({"chunk_groups": 0}, ValueError, "`chunk_groups` must be an integer >= 1, got 0"),
+        ({"column_scale": torch.ones(4)}, ValueError, r"one entry per column \(8\), got \(4,\)"),
+        ({"column_scale": torch.ones(2, 8)}, ValueError, r"1-D tensor .* got \(2, 8\)"),
+        ({"column_scale": [1.0] * 8}, ValueError, "got list"),
+        ({"column_scale": torch.tensor([1.0] * 7 + [0.0])}, ValueError, "finite and > 0"),
+        ({"column_scale": torch.tensor([1.0] * 7 + [float("inf")])}, ValueError, "finite and > 0"),
     ],
 )
 def test_errors(kwargs, exc, match):
@@ -315,3 +320,35 @@ def test_errors(kwargs, exc, match):
         prox_2to4(weight, lam, **args)
     with pytest.raises(exc, match=match):
         prox_2to4_(weight, lam, **args)
+
+
+def _scaled_reference(w: torch.Tensor, lam: float, scale: torch.Tensor) -> torch.Tensor:
+    """The prox in the coordinates W·s by hand: a float32 scaled copy, prox, divide, cast."""
+    return prox_2to4(w.float() * scale, lam, backend="torch").div_(scale).to(w.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("sigma", "lam"), [(0.02, 0.5), (1.0, 1.0), (1.0, 5.0)])
+def test_column_scale_is_the_prox_in_scaled_coordinates(dtype, sigma, lam):
+    gen = torch.Generator().manual_seed(3)
+    w = (torch.randn(48, 64, generator=gen) * sigma).to(dtype)
+    w[0, :4] = 0  # a zero group, and groups that are already 2:4
+    w[1, 4:6] = 0
+    scale = torch.rand(64, generator=gen) * 3 + 1e-3
+    expected = _scaled_reference(w, lam, scale)
+    assert torch.equal(prox_2to4(w, lam, column_scale=scale), expected)
+    # chunking along rows and inside very wide rows, non-contiguous views, in place
+    assert torch.equal(prox_2to4(w, lam, column_scale=scale, chunk_groups=8), expected)
+    assert torch.equal(prox_2to4(w, lam, column_scale=scale, chunk_groups=5), expected)
+    storage = w.t().contiguous()
+    assert prox_2to4_(storage.t(), lam, column_scale=scale) is not None
+    assert torch.equal(storage.t(), expected)
+    # the scale changes the answer (it is not ignored) and scale 1 is the plain prox
+    assert not torch.equal(expected, prox_2to4(w, lam))
+    assert torch.equal(prox_2to4(w, lam, column_scale=torch.ones(64)), prox_2to4(w, lam))
+
+
+def test_column_scale_on_another_device_is_refused():
+    meta_scale = torch.ones(8, device="meta")
+    with pytest.raises(ValueError, match="`column_scale` is on meta, `weight` on cpu"):
+        prox_2to4(torch.randn(2, 8), 0.5, column_scale=meta_scale)

@@ -74,6 +74,12 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--device", default=None, help="e.g. cuda, cpu (default: what the Trainer picks)")
     p.add_argument(
+        "--device-map",
+        default=None,
+        help="split the model across the GPUs of one process (model parallel): auto, balanced, balanced_low_0, "
+        "sequential, or a JSON {module: device} object; not with --device, --fsdp or a multi-process launch",
+    )
+    p.add_argument(
         "--fsdp",
         action="store_true",
         help="shard the model with FSDP (TrainingArguments.fsdp; needs a multi-GPU launch: torchrun / accelerate launch)",
@@ -123,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
     if args.lr is not None and args.lr <= 0:
         raise ValueError(f"`--lr`={args.lr} must be > 0.")
     fsdp_config = _fsdp_config(args)
+    device_map = _device_map(args)
 
     from proxsparse_hf.data import load_calibration_data
     from proxsparse_hf.learn import learn_mask
@@ -130,7 +137,12 @@ def run(args: argparse.Namespace) -> int:
     from proxsparse_hf.outputs import save_pruned_output
 
     model, tokenizer = load_model_and_tokenizer(
-        args.model, gguf_file=args.gguf_file, revision=args.revision, dtype=args.dtype, device=args.device
+        args.model,
+        gguf_file=args.gguf_file,
+        revision=args.revision,
+        dtype=args.dtype,
+        device=args.device,
+        device_map=device_map,
     )
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos is not None and args.seq_len > max_pos:
@@ -187,6 +199,8 @@ def run(args: argparse.Namespace) -> int:
         "training": {**result.training_args, "steps": result.steps, "tokens": result.tokens},
         "wall_time_s": result.wall_time_s,
         "prox_seconds": result.prox_seconds,
+        "peak_gpu_memory_gib": result.peak_gpu_memory_gib,
+        **({"device_map": _placement(model)} if device_map is not None else {}),
         "command": "proxsparse " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
     }
     save_pruned_output(
@@ -216,10 +230,62 @@ def run(args: argparse.Namespace) -> int:
         "layers_2to4": result.report.num_2to4_layers,
         "target_sparsity": round(result.report.target_sparsity, 4),
         "overall_sparsity": round(result.report.overall_sparsity, 4),
+        "peak_gpu_memory_gib": result.peak_gpu_memory_gib,
         "final_loss": next((h["loss"] for h in reversed(result.log_history) if "loss" in h), None),
     }
     print(json.dumps(summary))
     return 0
+
+
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _device_map(args: argparse.Namespace) -> str | dict | None:
+    """``--device-map`` as ``from_pretrained`` takes it, checked against the other placement flags."""
+    value = args.device_map
+    if value is None:
+        return None
+    for flag, given in (("--device", args.device), ("--fsdp", args.fsdp)):
+        if given:
+            raise ValueError(
+                f"`--device-map`={value!r} cannot be combined with `{flag}`; use one way to place the model."
+            )
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError(
+            f"`--device-map`={value!r} splits the model inside one process; it cannot run under a multi-process "
+            f"launch (WORLD_SIZE={os.environ['WORLD_SIZE']}). Use --fsdp there, or launch one process."
+        )
+    if value.lstrip().startswith("{"):
+        try:
+            mapping = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"`--device-map`={value!r} is not valid JSON: {exc}") from None
+        if not isinstance(mapping, dict) or not mapping:
+            raise ValueError(f"`--device-map`={value!r} must be a non-empty JSON object {{module: device}}.")
+        return mapping
+    if value in DEVICE_MAP_STRATEGIES:
+        return value
+    import torch
+
+    try:
+        torch_device = torch.device(value)
+    except RuntimeError:
+        raise ValueError(
+            f"`--device-map`={value!r} is invalid; allowed: {', '.join(DEVICE_MAP_STRATEGIES)}, a device such as "
+            "'cuda:0', or a JSON {module: device} object."
+        ) from None
+    return str(torch_device)
+
+
+def _placement(model) -> dict[str, list[str]]:
+    """The devices a ``device_map`` put the model on: ``{device: [top-level module names]}``."""
+    placement: dict[str, list[str]] = {}
+    for module, device in (getattr(model, "hf_device_map", None) or {}).items():
+        name = f"cuda:{device}" if isinstance(device, int) else str(device)
+        placement.setdefault(name, []).append(module)
+    if not placement:  # everything landed on one device (transformers then sets no hf_device_map)
+        placement = {str(device): [""] for device in {p.device for p in model.parameters()}}
+    return placement
 
 
 def _fsdp_config(args: argparse.Namespace) -> dict | None:
