@@ -10,7 +10,9 @@ are merged into ``--out``::
         --runs 1gpu fsdp2-torchrun ddp-accelerate
     python benchmarks/multi_gpu_learn.py ... --runs 1gpu-bf16 fsdp2-accelerate-bf16 device-map
 
-Needs 2 CUDA GPUs (``1gpu*`` runs use the first one only). Prints one JSON line per run.
+Needs 2 CUDA GPUs (``1gpu`` / ``1gpu-bf16`` use the first one only, ``1gpu-repeat`` the second: run it next to
+``1gpu`` — two invocations with separate ``--out`` files — then ``--runs 1gpu-repeat --compare-only`` to measure the
+run-to-run difference of the reference itself). Prints one JSON line per run.
 """
 
 from __future__ import annotations
