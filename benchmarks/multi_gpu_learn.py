@@ -53,6 +53,15 @@ def emit(record: dict) -> None:
     print(json.dumps(record), flush=True)
 
 
+def _subprocess_env(gpus: str) -> dict[str, str]:
+    """This environment, with only ``gpus`` visible and the repository importable."""
+    return {
+        **os.environ,
+        "CUDA_VISIBLE_DEVICES": gpus,
+        "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]),
+    }
+
+
 def learn(name: str, args) -> dict:
     launcher, flags, processes, gpus, _ref = RUNS[name]
     out = os.path.join(args.work, name)
@@ -80,11 +89,7 @@ def learn(name: str, args) -> dict:
         "--overwrite",
         *flags,
     ]
-    env = {
-        **os.environ,
-        "CUDA_VISIBLE_DEVICES": gpus,
-        "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]),
-    }
+    env = _subprocess_env(gpus)
     start = time.perf_counter()
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=args.timeout)
     record = {
@@ -130,12 +135,7 @@ def evaluate(name: str, args) -> dict:
         "float32",
     ]
     command += ["--datasets", "wikitext2", "c4", "--eval-seq-len", str(args.eval_seq_len), "--no-progress"]
-    env = {
-        **os.environ,
-        "CUDA_VISIBLE_DEVICES": "0",
-        "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]),
-    }
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=args.timeout)
+    proc = subprocess.run(command, env=_subprocess_env("0"), capture_output=True, text=True, timeout=args.timeout)
     if proc.returncode != 0:
         return {"eval_rc": proc.returncode, "eval_stderr_tail": proc.stderr[-2000:]}
     with open(os.path.join(out, "eval_results.json")) as fh:

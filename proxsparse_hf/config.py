@@ -161,6 +161,11 @@ class ProxSparseConfig:
         def bad(name: str, allowed: str) -> ValueError:
             return ValueError(f"`{name}`={getattr(self, name)!r} is invalid; allowed: {allowed}.")
 
+        def require_positive_int(name: str) -> None:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise bad(name, "an integer >= 1")
+
         def is_number(value: Any) -> bool:
             return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
 
@@ -176,18 +181,8 @@ class ProxSparseConfig:
             raise bad("lambda_scaling", f"one of {LAMBDA_SCALINGS}")
         if self.importance not in IMPORTANCES:
             raise bad("importance", f"one of {IMPORTANCES}")
-        if (
-            not isinstance(self.importance_batches, int)
-            or isinstance(self.importance_batches, bool)
-            or self.importance_batches < 1
-        ):
-            raise bad("importance_batches", "an integer >= 1")
-        if (
-            not isinstance(self.prox_every_n_steps, int)
-            or isinstance(self.prox_every_n_steps, bool)
-            or (self.prox_every_n_steps < 1)
-        ):
-            raise bad("prox_every_n_steps", "an integer >= 1")
+        require_positive_int("importance_batches")
+        require_positive_int("prox_every_n_steps")
         if isinstance(self.target_modules, tuple):
             self.target_modules = list(self.target_modules)
         if isinstance(self.target_modules, str):
@@ -208,12 +203,7 @@ class ProxSparseConfig:
             )
         if self.solver_backend not in SOLVER_BACKENDS:
             raise bad("solver_backend", f"one of {SOLVER_BACKENDS}")
-        if (
-            not isinstance(self.solver_max_iter, int)
-            or isinstance(self.solver_max_iter, bool)
-            or self.solver_max_iter < 1
-        ):
-            raise bad("solver_max_iter", "an integer >= 1")
+        require_positive_int("solver_max_iter")
         if not is_number(self.solver_tol) or not self.solver_tol > 0:
             raise bad("solver_tol", "a number > 0")
         if self.snapshot_device not in SNAPSHOT_DEVICES:

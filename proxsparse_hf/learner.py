@@ -300,16 +300,16 @@ class MaskLearner:
                 "`importance`='activation': measure the input norms (MaskLearner.measure_input_norms) before the first "
                 "prox step."
             )
+        solver = dict(
+            max_iter=self.config.solver_max_iter, tol=self.config.solver_tol, backend=self.config.solver_backend
+        )
         for s in self.shards.values():
             layer_lam = lam * self.layer_scale[s.name]
             view = s.grouped(s.local(s.target.weight.data))  # this rank's shard only
             if view.numel() == 0:
                 continue
-            kwargs = dict(
-                max_iter=self.config.solver_max_iter, tol=self.config.solver_tol, backend=self.config.solver_backend
-            )
             # importance="activation": the prox runs in the scaled coordinates W·s, fused into the same pass
-            kwargs["column_scale"] = self.column_scale.get(s.name)
+            kwargs = {**solver, "column_scale": self.column_scale.get(s.name)}
             if view.is_contiguous():
                 prox_2to4_(view, layer_lam, **kwargs)
             else:  # a Conv1D's grouped view is transposed: one coalesced copy beats strided groups
