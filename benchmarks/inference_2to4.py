@@ -13,7 +13,9 @@ Timing: CUDA events, warm-up first, median of repeated runs. ``eager`` = back-to
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import signal
 import statistics
 import sys
@@ -177,16 +179,20 @@ def _median_ms(fn, warmup: int, reps: int) -> float:
     return statistics.median(samples)
 
 
-def prefill(model, length: int, label: str, graphs: bool) -> dict:
+def prefill(model, length: int, label: str, graphs: bool, warmup: int = 2, mark_step: bool = False) -> dict:
+    """Prefill latency; ``mark_step``: tell Inductor's CUDA-graph trees that each call is a new step (needed when the
+    compiled regions are the decoder layers, not the whole model)."""
     ids = torch.randint(0, 32000, (1, length), device="cuda")
 
     def run():
+        if mark_step:
+            torch.compiler.cudagraph_mark_step_begin()
         return model(input_ids=ids, use_cache=False, logits_to_keep=1)
 
     out = {"level": "model", "what": "prefill", "tokens": length, "model": label}
     with torch.no_grad():
         torch.cuda.reset_peak_memory_stats()
-        out["eager_ms"] = round(_median_ms(run, 2, 5), 3)
+        out["eager_ms"] = round(_median_ms(run, warmup, 5), 3)
         out["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         if graphs:
             try:
@@ -292,9 +298,77 @@ def model_level(layers: int, lengths: list[int], batches: list[int], new_tokens:
         emit(row)
 
 
+def _sdpa_context(backend: str):
+    """The SDPA backend for both models (``"default"``: torch's own choice)."""
+    if backend == "default":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel({"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[backend])
+
+
+def compiled_prefill(layers: int, lengths: list[int], cache_dir: str, sdpa: list[str], mode: str) -> None:
+    """Prefill of the dense and the converted (graph-tuned) model with every decoder layer compiled by
+    ``torch.compile`` (regional compilation: one compiled block reused by all layers; Inductor fuses the norms, rotary
+    embedding and SiLU-gating that eager mode runs as separate kernels), under each SDPA backend in ``sdpa``; timed
+    eagerly and, unless ``mode`` already runs CUDA graphs (``"reduce-overhead"``: Inductor's CUDA-graph trees), as a
+    manual CUDA-graph replay of the compiled model."""
+    rows = {}
+    for label in ("dense", "2:4 dispatch (tuned cuda_graph)"):
+        model = build_7b(torch.bfloat16, layers)
+        if label != "dense":
+            to_sparse_kernels(model, tune_for="cuda_graph", cache_dir=cache_dir)
+        for layer in model.model.layers:
+            layer.compile(mode=mode)
+        for backend in sdpa:
+            for length in lengths:
+                start = time.perf_counter()
+                with _sdpa_context(backend):
+                    try:
+                        row = prefill(
+                            model,
+                            length,
+                            f"{label}, compiled",
+                            graphs=mode != "reduce-overhead",
+                            warmup=4,
+                            mark_step=mode == "reduce-overhead",
+                        )
+                    except Exception as exc:  # noqa: BLE001 - report why this configuration did not run
+                        row = {"level": "model", "what": "prefill", "tokens": length, "error": str(exc)[:300]}
+                row.update(
+                    model=f"{label}, compiled", sdpa=backend, seconds_incl_compile=round(time.perf_counter() - start)
+                )
+                rows[(label, backend, length)] = row
+        del model
+        torch.cuda.empty_cache()
+    for (label, backend, length), row in rows.items():
+        ref = rows.get(("dense", backend, length), {})
+        if label != "dense":
+            for key in ("eager_ms", "graph_ms"):
+                if key in row and key in ref:
+                    row[key.replace("_ms", "_speedup")] = round(ref[key] / row[key], 3)
+            best_dense = min(ref.get(k, math.inf) for k in ("eager_ms", "graph_ms"))
+            best_sparse = min(row.get(k, math.inf) for k in ("eager_ms", "graph_ms"))
+            if math.isfinite(best_dense) and math.isfinite(best_sparse):
+                row["best_vs_best_dense_speedup"] = round(best_dense / best_sparse, 3)
+        emit(row)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("all", "gemm", "model", "decode"), default="all")
+    parser.add_argument("--part", choices=("all", "gemm", "model", "decode", "compiled"), default="all")
+    parser.add_argument(
+        "--sdpa",
+        nargs="+",
+        default=["default"],
+        choices=("default", "flash", "cudnn"),
+        help="SDPA backends (compiled part)",
+    )
+    parser.add_argument(
+        "--compile-mode",
+        default="reduce-overhead",
+        choices=("default", "reduce-overhead", "max-autotune-no-cudagraphs"),
+    )
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16"], choices=("bfloat16", "float16"))
     parser.add_argument("--gemm-models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--layers", type=int, default=32, help="decoder layers of the 7B-shaped model")
@@ -322,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
             gemm_level(dtypes, args.cache_dir, args.gemm_models)
         if args.part in ("all", "model"):
             model_level(args.layers, args.prefill, args.batches, args.new_tokens, args.cache_dir)
+        if args.part == "compiled":
+            compiled_prefill(args.layers, args.prefill, args.cache_dir, args.sdpa, args.compile_mode)
         if args.part == "decode":
             for row in decode_ab(build_7b(torch.bfloat16, args.layers), args.batches, args.new_tokens, args.cache_dir):
                 emit(row)

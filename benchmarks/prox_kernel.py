@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from proxsparse_hf.prox import prox_2to4_
+from proxsparse_hf.prox import Prox2to4Batch, prox_2to4_
 
 HIDDEN, INTERMEDIATE, HEADS = 4096, 11008, 32
 # (out_features, in_features) of q, k, v, o, gate, up, down
@@ -111,20 +111,33 @@ def make_layer(shapes, device, dtype, gen) -> list[torch.Tensor]:
     return [(torch.randn(s, generator=gen, device=device) * 0.02).to(dtype) for s in shapes]
 
 
-def bench_backend(name, fn, pristine, work, lam, warmup, reps, device) -> list[float]:
-    def run():
-        for w in work:
-            fn(w, lam)
-
+def bench_backend(run_layer, pristine, work, lam, warmup, reps, device) -> list[float]:
+    """Milliseconds of ``run_layer(lam)`` (the prox of every matrix in ``work``), each repetition from ``pristine``."""
     times = []
     for i in range(warmup + reps):
         for w, p in zip(work, pristine):
             w.copy_(p)  # every repetition starts from the same (dense, worst-case) weights
         _sync(device)
-        ms = _timed(run, device)
+        ms = _timed(lambda: run_layer(lam), device)
         if i >= warmup:
             times.append(ms)
     return times
+
+
+def bench_graph(run_layer, pristine, work, lam, warmup, reps, device) -> list[float]:
+    """The same as :func:`bench_backend` with ``run_layer`` captured once in a CUDA graph and replayed: GPU time only,
+    no host launch cost."""
+    for w, p in zip(work, pristine):
+        w.copy_(p)
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        run_layer(lam)  # warm-up (compiles the kernels) outside the capture
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run_layer(lam)
+    return bench_backend(lambda _lam: graph.replay(), pristine, work, lam, warmup, reps, device)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -161,10 +174,10 @@ class DecoderLayer(nn.Module):
         return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
 
 
-def bench_training_step(args, device, dtype, prox_fn=None, label: str = "magnitude") -> dict:
-    """Step time with and without the prox on every linear; ``prox_fn(weight, lam, column_scale)`` (default: the
-    library's ``prox_2to4_``). ``label="activation"`` passes a per-column scale (``importance="activation"``)."""
-    prox_fn = prox_fn or (lambda w, lam, scale: prox_2to4_(w, lam, column_scale=scale))
+def bench_training_step(args, device, dtype, label: str = "magnitude") -> dict:
+    """Step time with and without the prox on every linear, run as ``ProxSparseCallback.on_optimizer_step`` does: one
+    :class:`Prox2to4Batch` over all target weights, built once. ``label="activation"`` passes a per-column scale
+    (``importance="activation"``)."""
     torch.manual_seed(0)
     hidden, inter, heads = (256, 688, 4) if args.small else (HIDDEN, INTERMEDIATE, HEADS)
     model = nn.Sequential(*(DecoderLayer(hidden, inter, heads) for _ in range(args.layers))).to(device, dtype)
@@ -174,6 +187,7 @@ def bench_training_step(args, device, dtype, prox_fn=None, label: str = "magnitu
                 p.normal_(0, 0.02)
     linears = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
     scales = [(torch.rand(w.shape[1], device=device) + 0.5) if label == "activation" else None for w in linears]
+    batch = Prox2to4Batch(linears, column_scales=scales)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, **({"fused": True} if device.type == "cuda" else {}))
     x = torch.randn(1, args.tokens, hidden, device=device, dtype=dtype)
 
@@ -183,9 +197,7 @@ def bench_training_step(args, device, dtype, prox_fn=None, label: str = "magnitu
         opt.step()
         opt.zero_grad(set_to_none=True)
         if with_prox:  # what the callback does in on_optimizer_step
-            with torch.no_grad():
-                for w, scale in zip(linears, scales):
-                    prox_fn(w, args.lam, scale)
+            batch(args.lam)
 
     res = {}
     for with_prox in (False, True, False, True):  # interleaved, to cancel drift
@@ -203,34 +215,50 @@ def bench_training_step(args, device, dtype, prox_fn=None, label: str = "magnitu
         "step_ms_with_prox": round(prox, 3),
         "overhead_fraction": round((prox - base) / base, 4),
         "target_overhead_fraction": 0.05,
-        "note": "plain torch loop: forward, backward, fused AdamW step, then prox_2to4_ on every linear weight "
-        "(what ProxSparseCallback.on_optimizer_step does); bf16 weights; random inputs and a squared-output loss",
+        "note": "plain torch loop: forward, backward, fused AdamW step, then one Prox2to4Batch call over every linear "
+        "weight (what ProxSparseCallback.on_optimizer_step does); bf16 weights; random inputs and a squared-output loss",
     }
 
 
-SWEEP = [(b, w, c) for b in (128, 256, 512, 1024) for w in (4, 8) for c in (2, 4)]
+# (block_rows, block_cols, num_warps, check): tiles of 512-2048 groups
+# (block_rows, block_cols, num_warps, check): tiles of 512-2048 groups
+SWEEP = [
+    (32, 16, 4, 4),
+    (64, 16, 4, 4),
+    (64, 16, 8, 4),
+    (32, 32, 4, 4),
+    (128, 16, 8, 4),
+    (32, 16, 4, 2),
+    (32, 16, 4, 8),
+]
 
 
 def sweep_launch(pristine, work, lam, warmup, reps, device, n_bytes) -> tuple[list[dict], dict]:
-    """Time the Triton kernel under every launch configuration of ``SWEEP``; returns the rows and the fastest."""
-    from proxsparse_hf.kernels.triton_prox import prox_2to4_triton_
+    """Time the Triton kernel (one plan per layer) under every launch configuration of ``SWEEP``; returns the rows
+    and the fastest."""
+    from proxsparse_hf.kernels.triton_prox import TritonProxPlan
 
     rows = []
-    for block, warps, check in SWEEP:
-        launch = {"block": block, "num_warps": warps, "check": check}
+    for block_rows, block_cols, warps, check in SWEEP:
+        launch = {"block_rows": block_rows, "block_cols": block_cols, "num_warps": warps, "check": check}
+        plan = TritonProxPlan(work, launch=launch)
 
-        def fn(w, lam, launch=launch):
-            prox_2to4_triton_(w, lam, max_iter=100, tol=1e-6, launch=launch)
+        def run_layer(lam, plan=plan):
+            plan.run(lam, max_iter=100, tol=1e-6)
 
-        ms = statistics.median(bench_backend("sweep", fn, pristine, work, lam, warmup, reps, device))
-        row = {"sweep": launch, "ms_per_decoder_layer": round(ms, 4), "achieved_GBps": round(n_bytes / ms / 1e6, 1)}
+        row = {"sweep": launch}
+        for mode, bench in (("eager", bench_backend), ("graph", bench_graph)):
+            ms = statistics.median(bench(run_layer, pristine, work, lam, warmup, reps, device))
+            row[f"ms_per_decoder_layer_{mode}"] = round(ms, 4)
+        row["achieved_GBps_graph"] = round(n_bytes / row["ms_per_decoder_layer_graph"] / 1e6, 1)
         print(json.dumps(row), flush=True)
         rows.append(row)
-    best = min(rows, key=lambda r: r["ms_per_decoder_layer"])["sweep"]
+    best = min(rows, key=lambda r: r["ms_per_decoder_layer_graph"])["sweep"]
     return rows, best
 
 
 def objective_agreement(backends, weight: torch.Tensor, lam: float) -> dict:
+    """``backends``: name -> ``fn(weight, lam)`` solving one matrix in place."""
     """Per-group objective of every backend on one matrix, relative to the eager published algorithm."""
     v = weight.double().reshape(-1, 4)
 
@@ -308,34 +336,52 @@ def main(argv=None) -> int:
         s = scale_of[id(w)]
         w.copy_(fn(w.float() * s, lam).div_(s))
 
-    backends = {}
+    def per_matrix(fn):
+        def run_layer(lam):
+            for w in work:
+                fn(w, lam)
+
+        return run_layer
+
+    matrix_fns = {}  # name -> fn(weight, lam), one matrix at a time
+    layer_fns = {}  # name -> run_layer(lam), the whole layer
     if device.type == "cuda":
-        from proxsparse_hf.kernels.triton_prox import prox_2to4_triton_
+        from proxsparse_hf.kernels.triton_prox import TritonProxPlan, prox_2to4_triton_
 
         def triton_fn(w, lam, scale=None):
             return prox_2to4_triton_(w, lam, max_iter=100, tol=1e-6, column_scale=scale, launch=best)
 
-        backends["triton"] = triton_fn
-        backends["triton_activation_fused"] = lambda w, lam: triton_fn(w, lam, scale_of[id(w)])
-        backends["triton_activation_unfused"] = lambda w, lam: unfused_scaled(w, lam, triton_fn)
-    backends["torch"] = lambda w, lam: prox_2to4_(w, lam, backend="torch", chunk_groups=1 << 22)
-    backends["eager_published"] = lambda w, lam: published_prox_(w, lam)
+        plain_plan = TritonProxPlan(work, launch=best)
+        scaled_plan = TritonProxPlan(work, [scale_of[id(w)] for w in work], launch=best)
+        matrix_fns["triton"] = triton_fn
+        # what MaskLearner runs: one plan (two launches) for all the layer's matrices
+        layer_fns["triton"] = lambda lam: plain_plan.run(lam, max_iter=100, tol=1e-6)
+        layer_fns["triton_per_matrix_launch"] = per_matrix(triton_fn)
+        layer_fns["triton_activation_fused"] = lambda lam: scaled_plan.run(lam, max_iter=100, tol=1e-6)
+        layer_fns["triton_activation_unfused"] = per_matrix(lambda w, lam: unfused_scaled(w, lam, triton_fn))
+    matrix_fns["torch"] = lambda w, lam: prox_2to4_(w, lam, backend="torch", chunk_groups=1 << 22)
+    matrix_fns["eager_published"] = lambda w, lam: published_prox_(w, lam)
+    layer_fns["torch"] = per_matrix(matrix_fns["torch"])
+    layer_fns["eager_published"] = per_matrix(matrix_fns["eager_published"])
 
     results = []
     medians = {}
+    graph_medians = {}
     peak_extra = {}
-    for name, fn in backends.items():
+    for name, run_layer in layer_fns.items():
         reps = args.baseline_reps if name == "eager_published" else args.reps
-        times = bench_backend(name, fn, pristine, work, args.lam, args.warmup, reps, device)
+        times = bench_backend(run_layer, pristine, work, args.lam, args.warmup, reps, device)
         medians[name] = statistics.median(times)
+        if name in ("triton", "triton_activation_fused"):
+            graph = bench_graph(run_layer, pristine, work, args.lam, args.warmup, reps, device)
+            graph_medians[name] = statistics.median(graph)
         if device.type == "cuda":
             for w, p in zip(work, pristine):
                 w.copy_(p)
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base_mem = torch.cuda.memory_allocated()
-            for w in work:
-                fn(w, args.lam)
+            run_layer(args.lam)
             torch.cuda.synchronize()
             peak_extra[name] = torch.cuda.max_memory_allocated() - base_mem
     base = medians["eager_published"]
@@ -352,17 +398,18 @@ def main(argv=None) -> int:
             ),
             "reps": args.baseline_reps if name == "eager_published" else args.reps,
         }
+        if name in graph_medians:  # GPU time alone (CUDA-graph replay: no host launch cost)
+            row["ms_per_decoder_layer_graph"] = round(graph_medians[name], 4)
+            row["fraction_of_hbm_floor_graph"] = round(floor_ms / graph_medians[name], 4)
         print(json.dumps(row), flush=True)
         results.append(row)
 
-    plain = {k: v for k, v in backends.items() if "activation" not in k}
-    agreement = objective_agreement(plain, pristine[0], args.lam)
+    agreement = objective_agreement(matrix_fns, pristine[0], args.lam)
     print(json.dumps(agreement), flush=True)
     steps = []
     if not args.skip_step:
-        step_fn = backends.get("triton")  # (weight, lam, scale); None: the library's prox_2to4_
         for label in ("magnitude", "activation"):
-            steps.append(bench_training_step(args, device, dtype, step_fn, label))
+            steps.append(bench_training_step(args, device, dtype, label))
             print(json.dumps(steps[-1]), flush=True)
     record = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
@@ -373,7 +420,8 @@ def main(argv=None) -> int:
         "bytes_per_layer_read_plus_write": n_bytes,
         "measured_copy_bandwidth_GBps": round(bandwidth, 1),
         "hbm_floor_ms_per_layer": round(floor_ms, 4),
-        "timing": "CUDA events, warm-up then median; every repetition restarts from the same dense N(0, 0.02) weights",
+        "timing": "CUDA events, warm-up then median; every repetition restarts from the same dense N(0, 0.02) weights; "
+        "*_graph: the same work captured in a CUDA graph and replayed (GPU time without host launch cost)",
         "launch_sweep": sweep,
         "launch_used": best or "library default",
         "backends": results,

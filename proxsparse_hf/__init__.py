@@ -16,6 +16,7 @@ _LAZY: dict[str, str] = {
     "ProxSparseConfig": "config",
     "Target": "targets",
     "find_targets": "targets",
+    "Prox2to4Batch": "prox",
     "prox_2to4": "prox",
     "prox_2to4_": "prox",
     "regularizer_2to4": "regularizers",
@@ -94,7 +95,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .learner import MaskLearner  # noqa: F401
     from .masks import apply_2to4_masks, extract_2to4_masks, is_2to4, load_masks, mask_2to4, save_masks  # noqa: F401
     from .outputs import load_output_dir, save_pruned_output  # noqa: F401
-    from .prox import prox_2to4, prox_2to4_  # noqa: F401
+    from .prox import Prox2to4Batch, prox_2to4, prox_2to4_  # noqa: F401
     from .regularizers import frozen_weight_grad, frozen_weight_regularizer, regularizer_2to4  # noqa: F401
     from .report import SparsityReport, sparsity_report  # noqa: F401
     from .sparse_lora import (  # noqa: F401

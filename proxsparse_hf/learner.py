@@ -38,7 +38,7 @@ from .distributed import (
 )
 from .masks import apply_2to4_masks, count_mask_flips, extract_2to4_masks, mask_2to4
 from .modeling import input_device
-from .prox import prox_2to4, prox_2to4_
+from .prox import Prox2to4Batch, prox_2to4
 from .regularizers import frozen_weight_grad, regularizer_2to4
 from .targets import Target
 
@@ -138,6 +138,7 @@ class MaskLearner:
         self.layer_scale: dict[str, float] = {}
         self._set_layer_scale()
         self._last_masks: dict[str, torch.Tensor] | None = None
+        self._prox_batch: Prox2to4Batch | None = None  # built at the first prox step, rebuilt if weights move
         if input_norms is not None:
             self.set_input_norms(input_norms)
 
@@ -303,17 +304,23 @@ class MaskLearner:
         solver = dict(
             max_iter=self.config.solver_max_iter, tol=self.config.solver_tol, backend=self.config.solver_backend
         )
+        views, factors, scales = [], [], []
         for s in self.shards.values():
-            layer_lam = lam * self.layer_scale[s.name]
             view = s.grouped(s.local(s.target.weight.data))  # this rank's shard only
             if view.numel() == 0:
                 continue
             # importance="activation": the prox runs in the scaled coordinates W·s, fused into the same pass
-            kwargs = {**solver, "column_scale": self.column_scale.get(s.name)}
+            scale = self.column_scale.get(s.name)
             if view.is_contiguous():
-                prox_2to4_(view, layer_lam, **kwargs)
+                views.append(view)
+                factors.append(self.layer_scale[s.name])
+                scales.append(scale)
             else:  # a Conv1D's grouped view is transposed: one coalesced copy beats strided groups
-                view.copy_(prox_2to4(view.contiguous(), layer_lam, **kwargs))
+                view.copy_(prox_2to4(view.contiguous(), lam * self.layer_scale[s.name], column_scale=scale, **solver))
+        # all contiguous targets at once: on CUDA two kernel launches per step, whatever the number of targets
+        if self._prox_batch is None or not self._prox_batch.matches(views, factors, scales):
+            self._prox_batch = Prox2to4Batch(views, multipliers=factors, column_scales=scales, **solver)
+        self._prox_batch(lam)
         return True
 
     # ------------------------------------------------------------------ telemetry

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import proxsparse_hf.prox as prox_mod
-from proxsparse_hf.prox import prox_2to4, prox_2to4_, resolve_backend, solve_groups
+from proxsparse_hf.prox import Prox2to4Batch, prox_2to4, prox_2to4_, resolve_backend, solve_groups
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Independent float64 reference: enumerate every support, start from a grid of points on it plus the corner points,
@@ -352,3 +352,75 @@ def test_column_scale_on_another_device_is_refused():
     meta_scale = torch.ones(8, device="meta")
     with pytest.raises(ValueError, match="`column_scale` is on meta, `weight` on cpu"):
         prox_2to4(torch.randn(2, 8), 0.5, column_scale=meta_scale)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Prox2to4Batch: many weights, one call
+# ----------------------------------------------------------------------------------------------------------------------
+def _batch_weights(gen: torch.Generator) -> list[torch.Tensor]:
+    return [
+        torch.randn(6, 16, generator=gen) * 0.02,
+        (torch.randn(5, 8, generator=gen)).to(torch.bfloat16),
+        torch.randn(3, 4, 12, generator=gen),
+        torch.randn(16, 8, generator=gen).t(),  # a transposed view (Conv1D-like storage)
+        torch.randn(0, 8, generator=gen),
+        torch.randn(4, 8, generator=gen),
+    ]
+
+
+def test_batch_equals_one_call_per_weight():
+    gen = torch.Generator().manual_seed(5)
+    weights = _batch_weights(gen)
+    mults = [1.0, 2.0, 0.5, 1.5, 1.0, 0.0]
+    scales = [None, torch.rand(8, generator=gen) + 0.5, None, None, None, None]
+    lam = 0.75
+    expected = [prox_2to4(w, lam * m, column_scale=s) if m else w.clone() for w, m, s in zip(weights, mults, scales)]
+    batch = Prox2to4Batch(weights, multipliers=mults, column_scales=scales)
+    batch(lam)
+    for got, want in zip(weights, expected):
+        assert torch.equal(got, want)
+    assert batch.matches(weights, mults, scales)
+    batch(0.0)  # lam 0: identity
+    for got, want in zip(weights, expected):
+        assert torch.equal(got, want)
+
+
+def test_batch_matches_only_the_same_weights_factors_and_scales():
+    gen = torch.Generator().manual_seed(6)
+    weights = [torch.randn(4, 8, generator=gen), torch.randn(2, 4, generator=gen)]
+    scale = torch.rand(8, generator=gen) + 0.5
+    batch = Prox2to4Batch(weights, multipliers=[1.0, 2.0], column_scales=[scale, None])
+    assert batch.matches(weights, [1.0, 2.0], [scale, None])
+    assert not batch.matches(weights, [1.0, 3.0], [scale, None])  # another factor
+    assert not batch.matches(weights, [1.0, 2.0], [scale.clone(), None])  # another scale tensor
+    assert not batch.matches([weights[0].clone(), weights[1]], [1.0, 2.0], [scale, None])  # reallocated
+    assert not batch.matches(weights[:1], [1.0], [scale])  # fewer weights
+    assert not batch.matches(weights)  # default factors 1 and no scales
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "match"),
+    [
+        ({"multipliers": [1.0]}, ValueError, "got 2 weights, 1 multipliers and 2 column scales"),
+        ({"column_scales": [None]}, ValueError, "got 2 weights, 2 multipliers and 1 column scales"),
+        ({"multipliers": [1.0, -1.0]}, ValueError, r"weight 1: its multiplier must be a finite number >= 0, got -1.0"),
+        ({"column_scales": [None, torch.ones(3)]}, ValueError, r"weight 1: `column_scale` .* \(8\), got \(3,\)"),
+        ({"tol": 2.0}, ValueError, "weight 0: `tol` must be a number in"),
+        ({"backend": "cuda"}, ValueError, "weight 0: `backend` must be one of"),
+    ],
+)
+def test_batch_errors(kwargs, exc, match):
+    weights = [torch.randn(2, 8), torch.randn(3, 8)]
+    with pytest.raises(exc, match=match):
+        Prox2to4Batch(weights, **kwargs)
+
+
+def test_batch_errors_on_bad_weights_and_lam():
+    with pytest.raises(ValueError, match=r"weight 1: `weight` of shape \(2, 6\)"):
+        Prox2to4Batch([torch.randn(2, 8), torch.randn(2, 6)])
+    with pytest.raises(TypeError, match="weight 0: `weight` must be a torch.Tensor"):
+        Prox2to4Batch([[1.0, 2.0, 3.0, 4.0]])
+    batch = Prox2to4Batch([torch.randn(2, 8)])
+    for bad in (-1.0, float("nan"), True, "0.5"):
+        with pytest.raises(ValueError, match="`lam` must be a finite number >= 0"):
+            batch(bad)

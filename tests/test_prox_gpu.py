@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from proxsparse_hf.prox import prox_2to4, prox_2to4_
+from proxsparse_hf.prox import Prox2to4Batch, prox_2to4, prox_2to4_
 
 pytestmark = [
     pytest.mark.gpu,
@@ -238,3 +238,97 @@ def test_kernel_with_column_scale_peak_extra_memory_is_tiny():
     prox_2to4_(w, 0.5, backend="triton", column_scale=scale)
     torch.cuda.synchronize()
     assert torch.cuda.max_memory_allocated() - before <= 0.01 * w.numel() * w.element_size()
+
+
+def _mixed_weights(gen: torch.Generator, count: int) -> tuple[list, list, list]:
+    """Weights of every dtype, odd shapes, a transposed view, 3-D and empty tensors, some with column scales."""
+    weights, scales, mults = [], [], []
+    dtypes = [torch.float32, torch.bfloat16, torch.float16]
+    for i in range(count):
+        rows = int(torch.randint(1, 200, (1,), generator=gen, device="cuda"))
+        cols = 4 * int(torch.randint(1, 90, (1,), generator=gen, device="cuda"))
+        sigma = (0.02, 1.0)[i % 2]
+        w = (torch.randn(rows, cols, generator=gen, device="cuda") * sigma).to(dtypes[i % 3])
+        if i % 7 == 3:
+            w = w.t().contiguous().t()  # transposed storage
+        if i % 11 == 5:
+            w = w.reshape(1, rows, cols)
+        weights.append(w)
+        scales.append(torch.rand(cols, generator=gen, device="cuda") + 0.25 if i % 4 == 1 else None)
+        mults.append((1.0, 2.0, 0.5, 0.25)[i % 4])
+    weights.append(torch.zeros(0, 8, device="cuda"))
+    scales.append(None)
+    mults.append(1.0)
+    return weights, scales, mults
+
+
+@pytest.mark.parametrize("count", [1, 2, 37])
+def test_batch_equals_one_kernel_call_per_weight(count):
+    """One plan for many weights (table lookup by binary search) gives the single-weight results bit for bit."""
+    gen = torch.Generator(device="cuda").manual_seed(count)
+    weights, scales, mults = _mixed_weights(gen, count)
+    lam = 0.75  # lam * multiplier is exact in float32 and float64 alike
+    expected = []
+    for w, s, m in zip(weights, scales, mults):
+        e = w.clone()
+        prox_2to4_(e, lam * m, backend="triton", column_scale=s)
+        expected.append(e)
+    work = [w.clone() for w in weights]
+    batch = Prox2to4Batch(work, multipliers=mults, column_scales=scales, backend="triton")
+    batch(lam)
+    for got, want in zip(work, expected):
+        assert torch.equal(got, want)
+    # the flags of the exact pass are left zeroed: a second run from the same start gives the same answer
+    for w, original in zip(work, weights):
+        w.copy_(original)
+    batch(lam)
+    for got, want in zip(work, expected):
+        assert torch.equal(got, want)
+    # and never worse than the torch path (objective in float64, in the scaled coordinates where there is a scale)
+    for w, s, m, got in zip(weights, scales, mults, work):
+        if w.numel() == 0:
+            continue
+        ref = prox_2to4(w, lam * m, backend="torch", column_scale=s)
+        one = torch.ones(w.shape[-1], device="cuda") if s is None else s
+        v = (w.float() * one).reshape(-1, 4)
+        f_batch = objective64((got.float() * one).reshape(-1, 4), v, lam * m)
+        f_torch = objective64((ref.float() * one).reshape(-1, 4), v, lam * m)
+        # 16-bit weights: both results are rounded to the weight's dtype, which moves the objective by ~1 ulp
+        slack = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[w.dtype] * f_torch.abs() + 1e-9
+        assert not bool((f_batch > f_torch + slack).any()), (w.dtype, tuple(w.shape), float((f_batch - f_torch).max()))
+
+
+def test_batch_peak_extra_memory_is_tiny():
+    weights = [torch.randn(4096, 11008, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(2)]
+    batch = Prox2to4Batch(weights)
+    batch(0.5)  # compile outside the measurement
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    batch(0.5)
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - before <= 0.001 * sum(w.numel() * w.element_size() for w in weights)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_mask_learner_prox_step_on_cuda_matches_the_cpu_path(family):
+    """MaskLearner's prox step (one Triton batch for all contiguous targets; GPT-2's transposed Conv1D views go one
+    by one) gives the CPU torch path's weights to solver precision, and reuses its batch across steps."""
+    from tiny_models import tiny_model
+
+    from proxsparse_hf import ProxSparseConfig
+    from proxsparse_hf.learner import MaskLearner
+
+    config = ProxSparseConfig(lambda1=2.0)
+    cpu_model = tiny_model(family)
+    gpu_model = tiny_model(family).cuda()
+    learners = [MaskLearner(m, config) for m in (cpu_model, gpu_model)]
+    for learner in learners:
+        assert learner.prox_step(1, 10) is True
+    batch = learners[1]._prox_batch
+    assert learners[1].prox_step(2, 10) is True and learners[1]._prox_batch is batch
+    assert learners[0].prox_step(2, 10) is True
+    cpu_params, gpu_params = dict(cpu_model.named_parameters()), dict(gpu_model.named_parameters())
+    for target in learners[0].targets.values():
+        name = target.param_name
+        torch.testing.assert_close(gpu_params[name].detach().cpu(), cpu_params[name].detach(), rtol=1e-5, atol=1e-6)

@@ -1,17 +1,15 @@
-"""Fused GPU kernels (optional dependency: Triton). Nothing here imports Triton until a kernel is called."""
+"""Fused GPU kernels (optional dependency: Triton). Nothing here imports Triton until a kernel is used:
+``from proxsparse_hf.kernels import TritonProxPlan`` imports :mod:`.triton_prox` on first access."""
 
 from __future__ import annotations
 
-from torch import Tensor
+import importlib
+from typing import Any
 
-__all__ = ["prox_2to4_triton_"]
+__all__ = ["TritonProxPlan", "prox_2to4_triton_"]
 
 
-def prox_2to4_triton_(
-    weight: Tensor, lam: float, *, max_iter: int, tol: float, column_scale: Tensor | None = None
-) -> Tensor:
-    """In-place exact 2:4 prox of a CUDA tensor with the fused Triton kernel (see ``triton_prox``); with
-    ``column_scale`` the prox of ``weight * s`` divided by ``s``."""
-    from .triton_prox import prox_2to4_triton_ as _impl
-
-    return _impl(weight, lam, max_iter=max_iter, tol=tol, column_scale=column_scale)
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        return getattr(importlib.import_module(".triton_prox", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -15,22 +15,35 @@ Two launches share one kernel body:
    bracket we locate), and the four-support face (coordinate descent from two starts, each Newton-polished, and pure
    Newton from the three-support point and from |v|/2 and |v|/4).
 
-Extra memory: one byte per block of groups. Triton is imported by this module only; never at package import.
+Many weights are solved by one launch per pass: :class:`TritonProxPlan` keeps a small table (pointer, shape, strides,
+column scale, λ multiplier of every weight, and where its tiles start) on the GPU, plus the owning weight of every tile;
+each program of the grid reads its weight's row, then its tile of ``BLOCK_ROWS x BLOCK_COLS`` groups (rows x groups
+within a row) without any integer division per group. A training step therefore costs two kernel launches whatever the number of
+target matrices, instead of two per matrix (whose host-side launch cost exceeded the GPU work on 7B-sized layers).
+
+Extra memory: five bytes per tile (of ``BLOCK_ROWS * BLOCK_COLS`` groups) and 64 bytes per weight, allocated once per
+plan. Triton is imported by this module
+only; never at package import.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["prox_2to4_triton_"]
+__all__ = ["TritonProxPlan", "prox_2to4_triton_"]
 
-# launch configuration: the fastest of 16 (block x warps x check interval) on an H200 (benchmarks/prox_kernel.py --sweep)
-BLOCK_GROUPS = 1024
-NUM_WARPS = 8
+# launch configuration: the fastest of 7 tiles x warps x check intervals on an H200 (benchmarks/prox_kernel.py --sweep,
+# benchmarks/results/prox_kernel_h200.json); a program solves BLOCK_ROWS rows x BLOCK_COLS groups of 4
+BLOCK_ROWS = 32
+BLOCK_COLS = 16
+NUM_WARPS = 4
 CHECK_EVERY = 4
+_TABLE_COLUMNS = 8  # pointer, scale pointer, first tile, rows, groups per row, row stride, column stride, λ factor
 BISECT_ITERS = 40
 NEWTON_ITERS = 8
 
@@ -60,27 +73,28 @@ def _sweep(w0, w1, w2, w3, a0, a1, a2, a3, lam):
 
 
 @triton.jit
-def _descent(w0, w1, w2, w3, a0, a1, a2, a3, lam, gain, thresh, watch, max_iter, CHECK: tl.constexpr):
-    """Coordinate descent; a group's result is frozen at the first check where gain * max|step| <= thresh."""
+def _descent(w0, w1, w2, w3, a0, a1, a2, a3, lam, num, den, thresh, watch, max_iter, CHECK: tl.constexpr):
+    """Coordinate descent, CHECK sweeps between checks; a group's result is frozen at the first check where
+    ``num * max|step| <= thresh * den`` (``num / den``: its contraction gain). Groups still moving after the last
+    check that fits in ``max_iter`` sweeps come back with ``done`` false."""
     r0, r1, r2, r3 = w0, w1, w2, w3
     done = watch == 0
     sweep = 0
-    going = tl.max((done == 0).to(tl.int32), axis=0) > 0
+    going = (tl.max((done == 0).to(tl.int32), axis=0) > 0) & (CHECK <= max_iter)
     while going:
-        sweep += 1
+        for _ in tl.static_range(CHECK - 1):
+            w0, w1, w2, w3 = _sweep(w0, w1, w2, w3, a0, a1, a2, a3, lam)
         p0, p1, p2, p3 = w0, w1, w2, w3
         w0, w1, w2, w3 = _sweep(w0, w1, w2, w3, a0, a1, a2, a3, lam)
-        if (sweep % CHECK == 0) | (sweep >= max_iter):
-            step = tl.maximum(
-                tl.maximum(tl.abs(w0 - p0), tl.abs(w1 - p1)), tl.maximum(tl.abs(w2 - p2), tl.abs(w3 - p3))
-            )
-            newly = (step * gain <= thresh) & (done == 0)
-            r0 = tl.where(newly, w0, r0)
-            r1 = tl.where(newly, w1, r1)
-            r2 = tl.where(newly, w2, r2)
-            r3 = tl.where(newly, w3, r3)
-            done = done | newly
-            going = (tl.max((done == 0).to(tl.int32), axis=0) > 0) & (sweep < max_iter)
+        sweep += CHECK
+        step = tl.maximum(tl.maximum(tl.abs(w0 - p0), tl.abs(w1 - p1)), tl.maximum(tl.abs(w2 - p2), tl.abs(w3 - p3)))
+        newly = (step * num <= thresh * den) & (done == 0)
+        r0 = tl.where(newly, w0, r0)
+        r1 = tl.where(newly, w1, r1)
+        r2 = tl.where(newly, w2, r2)
+        r3 = tl.where(newly, w3, r3)
+        done = done | newly
+        going = (tl.max((done == 0).to(tl.int32), axis=0) > 0) & (sweep + CHECK <= max_iter)
     r0 = tl.where(done, r0, w0)
     r1 = tl.where(done, r1, w1)
     r2 = tl.where(done, r2, w2)
@@ -240,14 +254,14 @@ def _exact(a0, a1, a2, a3, lam, tol, max_iter, CHECK: tl.constexpr, BISECT: tl.c
     thresh = tol * s0
     one = zero + 1.0
     watch = s0 >= 0
-    c0, c1, c2, c3, _d = _descent(s0, s1, s2, s3, s0, s1, s2, s3, lam, one, thresh, watch, max_iter, CHECK)
+    c0, c1, c2, c3, _d = _descent(s0, s1, s2, s3, s0, s1, s2, s3, lam, one, one, thresh, watch, max_iter, CHECK)
     c0, c1, c2, c3 = _newton_polish(c0, c1, c2, c3, s0, s1, s2, s3, lam, NEWTON)
     fc = _objective(c0, c1, c2, c3, s0, s1, s2, s3, lam)
     best, b0, b1, b2, b3 = _pick(best, b0, b1, b2, b3, fc, c0, c1, c2, c3)
     mean = 0.25 * (s0 + s1 + s2 + s3)
     gamma = 2.0 / (1.0 + tl.sqrt(1.0 + (12.0 * lam) * mean))
     c0, c1, c2, c3, _d = _descent(
-        s0 * gamma, s1 * gamma, s2 * gamma, s3 * gamma, s0, s1, s2, s3, lam, one, thresh, watch, max_iter, CHECK
+        s0 * gamma, s1 * gamma, s2 * gamma, s3 * gamma, s0, s1, s2, s3, lam, one, one, thresh, watch, max_iter, CHECK
     )
     c0, c1, c2, c3 = _newton_polish(c0, c1, c2, c3, s0, s1, s2, s3, lam, NEWTON)
     fc = _objective(c0, c1, c2, c3, s0, s1, s2, s3, lam)
@@ -272,49 +286,68 @@ def _exact(a0, a1, a2, a3, lam, tol, max_iter, CHECK: tl.constexpr, BISECT: tl.c
 
 @triton.jit
 def _prox_kernel(
-    ptr,
-    scale_ptr,
+    table,
+    owners,
     flags,
-    n_groups,
-    groups_per_row,
-    stride_row,
-    stride_col,
     lam,
     tol,
     max_iter,
+    DTYPE: tl.constexpr,
     EXACT: tl.constexpr,
     SCALED: tl.constexpr,
-    FLAT: tl.constexpr,
+    UNIT_COL: tl.constexpr,
     WIDE: tl.constexpr,
-    BLOCK: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
     CHECK: tl.constexpr,
     BISECT: tl.constexpr,
     NEWTON: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if EXACT:
-        if tl.load(flags + pid) == 0:
+        flagged = tl.load(flags + pid)
+        tl.debug_barrier()  # every warp has read the flag before one of them clears it
+        if flagged == 0:
             return
+        tl.store(flags + pid, 0)  # leaves the flags zeroed for the plan's next run
+    entry = table + tl.load(owners + pid) * 8  # the row (_TABLE_COLUMNS = 8 wide) of this tile's weight
+    if UNIT_COL:  # the plan puts only weights whose groups start at 4-element-aligned addresses here
+        ptr = tl.multiple_of(tl.load(entry).to(tl.pointer_type(DTYPE)), 16)
+    else:
+        ptr = tl.load(entry).to(tl.pointer_type(DTYPE))
+    local = pid - tl.load(entry + 2).to(tl.int32)
+    t_lam = lam * tl.load(entry + 7).to(tl.int32).to(tl.float32, bitcast=True)  # lam x the weight's multiplier
     if WIDE:
-        g = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+        rows = tl.load(entry + 3)
+        gpr = tl.load(entry + 4)
+        stride_row = tl.load(entry + 5)
+        stride_col = tl.load(entry + 6)
     else:
-        g = pid * BLOCK + tl.arange(0, BLOCK)
-    in_range = g < n_groups
+        rows = tl.load(entry + 3).to(tl.int32)
+        gpr = tl.load(entry + 4).to(tl.int32)
+        stride_row = tl.load(entry + 5).to(tl.int32)
+        stride_col = tl.load(entry + 6).to(tl.int32)
+    col_tiles = (gpr + BLOCK_C - 1) // BLOCK_C
+    tile_row = local // col_tiles
+    tile_col = local - tile_row * col_tiles
+    lane = tl.arange(0, BLOCK_R * BLOCK_C)
+    row = tile_row * BLOCK_R + lane // BLOCK_C  # BLOCK_C is a power of two: shifts and masks, no division
+    grp = tile_col * BLOCK_C + (lane % BLOCK_C)
+    in_range = (row < rows) & (grp < gpr)
     j = tl.arange(0, 4)
-    if FLAT:
-        offs = g[:, None] * 4 + j[None, :]
+    if UNIT_COL:  # contiguous groups: one vector load per group (row strides are multiples of 4, see the plan)
+        start = tl.multiple_of(row * stride_row, 4) + grp * 4
+        offs = start[:, None] + j[None, :]
     else:
-        row = g // groups_per_row
-        col = (g - row * groups_per_row) * 4
-        offs = row[:, None] * stride_row + (col[:, None] + j[None, :]) * stride_col
-    mask = tl.broadcast_to(in_range[:, None], (BLOCK, 4))
+        offs = row[:, None] * stride_row + (grp[:, None] * 4 + j[None, :]) * stride_col
+    mask = tl.broadcast_to(in_range[:, None], (BLOCK_R * BLOCK_C, 4))
     raw = tl.load(ptr + offs, mask=mask, other=0.0)
     v = raw.to(tl.float32)
     if SCALED:  # prox in the coordinates W * s (s per column), result divided by s on the way out
-        scol = (g % groups_per_row) * 4
-        s = tl.load(scale_ptr + scol[:, None] + j[None, :], mask=mask, other=1.0)
+        scale_ptr = tl.load(entry + 1).to(tl.pointer_type(tl.float32))
+        s = tl.load(scale_ptr + grp[:, None] * 4 + j[None, :], mask=mask, other=1.0)
         v = v * s
-    evens, odds = tl.split(tl.reshape(v, (BLOCK, 2, 2)))
+    evens, odds = tl.split(tl.reshape(v, (BLOCK_R * BLOCK_C, 2, 2)))
     v0, v2 = tl.split(evens)
     v1, v3 = tl.split(odds)
     a0 = tl.abs(v0)
@@ -326,16 +359,18 @@ def _prox_kernel(
     amax = tl.maximum(tl.maximum(a0, a1), tl.maximum(a2, a3))
     nnz = (a0 > 0).to(tl.int32) + (a1 > 0).to(tl.int32) + (a2 > 0).to(tl.int32) + (a3 > 0).to(tl.int32)
     active = (nnz > 2) & in_range
-    rho = (2.0 * lam) * (total - amin)
+    rho = (2.0 * t_lam) * (total - amin)
     convex = rho < 1.0
-    gain = tl.where(convex, rho / tl.maximum(1.0 - rho, 1e-30), 0.0)
     thresh = tol * amax
     watch = active & convex
-    w0, w1, w2, w3, done = _descent(a0, a1, a2, a3, a0, a1, a2, a3, lam, gain, thresh, watch, max_iter, CHECK)
+    # stop test rho / (1 - rho) * max|step| <= thresh, without the division
+    w0, w1, w2, w3, done = _descent(
+        a0, a1, a2, a3, a0, a1, a2, a3, t_lam, rho, 1.0 - rho, thresh, watch, max_iter, CHECK
+    )
     pending = active & ((convex & done) == 0)
     any_pending = tl.max(pending.to(tl.int32), axis=0) > 0
     if EXACT:
-        e0, e1, e2, e3 = _exact(a0, a1, a2, a3, lam, tol, max_iter, CHECK, BISECT, NEWTON)
+        e0, e1, e2, e3 = _exact(a0, a1, a2, a3, t_lam, tol, max_iter, CHECK, BISECT, NEWTON)
         w0 = tl.where(pending, e0, w0)
         w1 = tl.where(pending, e1, w1)
         w2 = tl.where(pending, e2, w2)
@@ -344,47 +379,175 @@ def _prox_kernel(
         if any_pending:
             tl.store(flags + pid, 1)
             return
-    # restore signs; zeros are written back as read (keeps -0.0 like torch.copysign)
-    w0 = tl.where(v0 < 0, -w0, w0)
-    w1 = tl.where(v1 < 0, -w1, w1)
-    w2 = tl.where(v2 < 0, -w2, w2)
-    w3 = tl.where(v3 < 0, -w3, w3)
-    out = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (BLOCK, 4))
-    out = tl.where(v == 0, v, out)
+    # restore signs by copying the sign bit (w >= 0, never -0.0): zeros are written back as read, -0.0 included
+    out = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (BLOCK_R * BLOCK_C, 4))
+    sign = v.to(tl.uint32, bitcast=True) & 0x80000000
+    out = (out.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
     if SCALED:
         out = out / s
     tl.store(ptr + offs, out.to(raw.dtype), mask=mask)
 
 
-def _launch_2d(
-    weight: Tensor,
-    lam: float,
-    max_iter: int,
-    tol: float,
-    scale: Tensor | None = None,
-    *,
-    block: int = BLOCK_GROUPS,
-    num_warps: int = NUM_WARPS,
-    check: int = CHECK_EVERY,
-) -> None:
-    rows, cols = weight.shape
-    n_groups = rows * (cols // 4)
-    if n_groups == 0:
-        return
-    flat = weight.is_contiguous()
-    # int64 offsets only where int32 could overflow
-    span = (rows - 1) * abs(weight.stride(0)) + (cols - 1) * abs(weight.stride(1)) + 1
-    wide = max(span, n_groups * 4) >= 2**31 - 1
-    n_blocks = triton.cdiv(n_groups, block)
-    flags = torch.zeros(n_blocks, dtype=torch.uint8, device=weight.device)
-    scaled = scale is not None
-    args = (weight, scale if scaled else weight, flags, n_groups, cols // 4, weight.stride(0), weight.stride(1))
-    args += (lam, tol, max_iter)
-    meta = dict(
-        SCALED=scaled, FLAT=flat, WIDE=wide, BLOCK=block, CHECK=check, BISECT=BISECT_ITERS, NEWTON=NEWTON_ITERS
-    )
-    _prox_kernel[(n_blocks,)](*args, EXACT=False, num_warps=num_warps, **meta)
-    _prox_kernel[(n_blocks,)](*args, EXACT=True, num_warps=num_warps, **meta)
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+class _Launch:
+    """One launch's data, copied to the GPU in one transfer: the weight table (``_TABLE_COLUMNS`` int64 per weight:
+    pointer, scale pointer, first tile, rows, groups per row, row stride, column stride, λ multiplier's float32 bits),
+    the owning weight of every tile (int32) and one flag byte per tile (zero)."""
+
+    def __init__(self, dtype, scaled, unit_col, wide, entries, multipliers, device, block_r, block_c):
+        self.dtype, self.scaled, self.unit_col, self.wide = dtype, scaled, unit_col, wide
+        rows, tiles = [], []
+        first_tile = 0
+        mult_bits = torch.tensor(multipliers, dtype=torch.float32).view(torch.int32).tolist()
+        for (weight, scale), bits in zip(entries, mult_bits):
+            n_rows, cols = weight.shape
+            gpr = cols // 4
+            count = triton.cdiv(n_rows, block_r) * triton.cdiv(gpr, block_c)
+            sptr = scale.data_ptr() if scale is not None else 0
+            rows.append([weight.data_ptr(), sptr, first_tile, n_rows, gpr, *weight.stride(), bits])
+            tiles.append(count)
+            first_tile += count
+        self.n_tiles = first_tile
+        table = torch.tensor(rows, dtype=torch.int64).view(torch.uint8).reshape(-1)
+        owners = torch.repeat_interleave(torch.arange(len(rows), dtype=torch.int32), torch.tensor(tiles))
+        host = torch.cat([table, owners.view(torch.uint8), torch.zeros(self.n_tiles, dtype=torch.uint8)])
+        buffer = host.pin_memory().to(device, non_blocking=True)
+        table_bytes, owner_bytes = table.numel(), owners.numel() * 4
+        self.table = buffer[:table_bytes].view(torch.int64)
+        self.owners = buffer[table_bytes : table_bytes + owner_bytes].view(torch.int32)
+        self.flags = buffer[table_bytes + owner_bytes :]
+
+
+class TritonProxPlan:
+    """The exact 2:4 prox of many CUDA weights by two kernel launches (per dtype / layout class) per run.
+
+    Args:
+        weights: 2-D CUDA float32/bfloat16/float16 tensors (views allowed; groups of 4 along the last dimension) on one
+            device. They are updated in place by :meth:`run`; the plan stores their addresses, so rebuild it when a
+            weight is reallocated (see :meth:`matches`).
+        column_scales: per weight, ``None`` or a contiguous float32 vector with one entry per column (> 0): that weight's
+            prox runs in the coordinates ``W * s`` and is written back divided by ``s``.
+        multipliers: per weight, the factor applied to ``lam`` (per-layer λ); default 1.
+        launch: overrides of the launch configuration (``block_rows``, ``block_cols``, ``num_warps``, ``check``).
+    """
+
+    def __init__(
+        self,
+        weights: Sequence[Tensor],
+        column_scales: Sequence[Tensor | None] | None = None,
+        multipliers: Sequence[float] | None = None,
+        *,
+        launch: dict | None = None,
+    ) -> None:
+        launch = dict(launch or {})
+        self.block_r = int(launch.pop("block_rows", BLOCK_ROWS))
+        self.block_c = int(launch.pop("block_cols", BLOCK_COLS))
+        self.num_warps = int(launch.pop("num_warps", NUM_WARPS))
+        self.check = int(launch.pop("check", CHECK_EVERY))
+        if launch:
+            raise ValueError(
+                f"unknown launch settings {sorted(launch)}; allowed: block_rows, block_cols, num_warps, check."
+            )
+        for name, value in (("block_rows", self.block_r), ("block_cols", self.block_c)):
+            if value < 1 or value & (value - 1):
+                raise ValueError(f"`{name}`={value} must be a power of two.")
+        weights = list(weights)
+        scales = list(column_scales) if column_scales is not None else [None] * len(weights)
+        mults = [float(m) for m in multipliers] if multipliers is not None else [1.0] * len(weights)
+        if not (len(scales) == len(weights) == len(mults)):
+            raise ValueError(
+                f"got {len(weights)} weights, {len(scales)} column scales and {len(mults)} multipliers; "
+                "give one of each per weight."
+            )
+        self.key = self._key(weights, scales, mults)
+        devices = {w.device for w in weights}
+        if len(devices) > 1:
+            raise ValueError(f"all weights of one plan must be on one CUDA device, got {sorted(map(str, devices))}.")
+        self.device = devices.pop() if devices else None
+        classes: dict[tuple, tuple[list, list]] = {}
+        for weight, scale, mult in zip(weights, scales, mults):
+            if weight.device.type != "cuda":
+                raise RuntimeError(f"the Triton prox kernel needs CUDA tensors, got one on {weight.device}.")
+            if weight.dim() != 2:
+                raise ValueError(f"plan weights must be 2-D, got shape {tuple(weight.shape)}.")
+            if weight.numel() == 0:
+                continue
+            size = weight.element_size()
+            unit_col = weight.stride(1) == 1 and weight.stride(0) % 4 == 0 and weight.data_ptr() % (4 * size) == 0
+            span = (weight.shape[0] - 1) * abs(weight.stride(0)) + (weight.shape[1] - 1) * abs(weight.stride(1)) + 1
+            wide = span >= 2**31 - 1
+            entry = classes.setdefault((weight.dtype, scale is not None, unit_col, wide), ([], []))
+            entry[0].append((weight, scale))
+            entry[1].append(mult)
+        self._launches = []
+        if self.device is not None and classes:
+            with torch.cuda.device(self.device):
+                for (dtype, scaled, unit_col, wide), (entries, ms) in classes.items():
+                    self._launches.append(
+                        _Launch(dtype, scaled, unit_col, wide, entries, ms, self.device, self.block_r, self.block_c)
+                    )
+
+    @staticmethod
+    def _key(weights, scales, mults) -> tuple:
+        return tuple(
+            (w.data_ptr(), tuple(w.shape), w.stride(), w.dtype, w.device, None if s is None else s.data_ptr(), m)
+            for w, s, m in zip(weights, scales, mults)
+        )
+
+    def matches(
+        self,
+        weights: Sequence[Tensor],
+        column_scales: Sequence[Tensor | None] | None = None,
+        multipliers: Sequence[float] | None = None,
+    ) -> bool:
+        """Whether this plan was built for exactly these weights (same storage, shapes, strides), scales and factors."""
+        weights = list(weights)
+        scales = list(column_scales) if column_scales is not None else [None] * len(weights)
+        mults = [float(m) for m in multipliers] if multipliers is not None else [1.0] * len(weights)
+        return len(scales) == len(weights) == len(mults) and self._key(weights, scales, mults) == self.key
+
+    def run(self, lam: float, *, max_iter: int, tol: float) -> None:
+        """Replace every weight of the plan by its prox with strength ``lam * multiplier`` (in place)."""
+        if lam == 0 or not self._launches:
+            return
+        with torch.cuda.device(self.device):
+            for item in self._launches:
+                args = (
+                    item.table,
+                    item.owners,
+                    item.flags,
+                    float(lam),
+                    float(tol),
+                    int(max_iter),
+                )
+                meta = dict(
+                    DTYPE=_TL_DTYPES[item.dtype],
+                    SCALED=item.scaled,
+                    UNIT_COL=item.unit_col,
+                    WIDE=item.wide,
+                    BLOCK_R=self.block_r,
+                    BLOCK_C=self.block_c,
+                    CHECK=self.check,
+                    BISECT=BISECT_ITERS,
+                    NEWTON=NEWTON_ITERS,
+                    num_warps=self.num_warps,
+                )
+                _prox_kernel[(item.n_tiles,)](*args, EXACT=False, **meta)
+                _prox_kernel[(item.n_tiles,)](*args, EXACT=True, **meta)
+
+
+def as_2d(weight: Tensor) -> list[Tensor]:
+    """2-D views of ``weight`` with its last dimension kept (one view when it can be flattened, else one per slice)."""
+    if weight.dim() == 1:
+        return [weight.unsqueeze(0)]
+    if weight.dim() == 2:
+        return [weight]
+    try:
+        return [weight.view(-1, weight.shape[-1])]
+    except RuntimeError:
+        return [view for sub in weight.unbind(0) for view in as_2d(sub)]
 
 
 def prox_2to4_triton_(
@@ -399,21 +562,11 @@ def prox_2to4_triton_(
     """In-place exact 2:4 prox of a CUDA float32/bfloat16/float16 tensor (groups of 4 along the last dimension).
 
     ``column_scale`` (float32, one entry per column, > 0): prox of ``weight * s``, written back divided by ``s``.
-    ``launch`` overrides the launch configuration (``block``, ``num_warps``, ``check``; for benchmarks)."""
+    ``launch`` overrides the launch configuration (see :class:`TritonProxPlan`; for benchmarks)."""
     if weight.device.type != "cuda":
         raise RuntimeError(f"the Triton prox kernel needs a CUDA tensor, got one on {weight.device}.")
     if weight.numel() == 0 or lam == 0:
         return weight
-    target = weight
-    if target.dim() == 1:
-        target = target.unsqueeze(0)
-    if target.dim() > 2:
-        try:
-            target = target.view(-1, target.shape[-1])
-        except RuntimeError:
-            for sub in weight.unbind(0):
-                prox_2to4_triton_(sub, lam, max_iter=max_iter, tol=tol, column_scale=column_scale, launch=launch)
-            return weight
-    with torch.cuda.device(weight.device):
-        _launch_2d(target, float(lam), int(max_iter), float(tol), column_scale, **(launch or {}))
+    views = as_2d(weight)
+    TritonProxPlan(views, [column_scale] * len(views), launch=launch).run(lam, max_iter=max_iter, tol=tol)
     return weight
