@@ -212,6 +212,13 @@ def prefill(model, length: int, label: str, graphs: bool, warmup: int = 2, mark_
     return out
 
 
+def add_speedups(row: dict, ref: dict) -> None:
+    """``eager_speedup`` / ``graph_speedup`` of a prefill row over the dense row ``ref`` timed the same way."""
+    for key in ("eager_ms", "graph_ms"):
+        if key in row and key in ref:
+            row[key.replace("_ms", "_speedup")] = round(ref[key] / row[key], 3)
+
+
 def _generate_seconds(model, ids: torch.Tensor, new_tokens: int) -> float:
     torch.cuda.synchronize()
     start = time.perf_counter()
@@ -288,11 +295,8 @@ def model_level(layers: int, lengths: list[int], batches: list[int], new_tokens:
             rows[("prefill", length, label)] = prefill(model, length, label, graphs=True)
         to_dense_kernels(model)
     for (_, size, label), row in rows.items():
-        ref = rows[("prefill", size, "dense")]
         if label != "dense":
-            for key in ("eager_ms", "graph_ms"):
-                if key in row and key in ref:
-                    row[key.replace("_ms", "_speedup")] = round(ref[key] / row[key], 3)
+            add_speedups(row, rows[("prefill", size, "dense")])
         emit(row)
     for row in decode_ab(model, batches, new_tokens, cache_dir):
         emit(row)
@@ -344,9 +348,7 @@ def compiled_prefill(layers: int, lengths: list[int], cache_dir: str, sdpa: list
     for (label, backend, length), row in rows.items():
         ref = rows.get(("dense", backend, length), {})
         if label != "dense":
-            for key in ("eager_ms", "graph_ms"):
-                if key in row and key in ref:
-                    row[key.replace("_ms", "_speedup")] = round(ref[key] / row[key], 3)
+            add_speedups(row, ref)
             best_dense = min(ref.get(k, math.inf) for k in ("eager_ms", "graph_ms"))
             best_sparse = min(row.get(k, math.inf) for k in ("eager_ms", "graph_ms"))
             if math.isfinite(best_dense) and math.isfinite(best_sparse):

@@ -227,46 +227,34 @@ class Prox2to4Batch:
         backend: str = "auto",
         chunk_groups: int = DEFAULT_CHUNK_GROUPS,
     ) -> None:
-        weights = list(weights)
-        mults = [1.0] * len(weights) if multipliers is None else list(multipliers)
-        scales = [None] * len(weights) if column_scales is None else list(column_scales)
-        if not len(weights) == len(mults) == len(scales):
-            raise ValueError(
-                f"got {len(weights)} weights, {len(mults)} multipliers and {len(scales)} column scales; "
-                "give one multiplier and one column scale (or None) per weight."
-            )
+        weights, mults, scales = per_weight(weights, multipliers, column_scales)
         for i, (weight, mult, scale) in enumerate(zip(weights, mults, scales)):
             try:
                 _validate(weight, mult, max_iter, tol, backend, chunk_groups, scale)
             except (TypeError, ValueError) as exc:
                 raise type(exc)(f"weight {i}: {exc}".replace("`lam`", "its multiplier")) from None
-        self.max_iter, self.tol, self.backend, self.chunk_groups = max_iter, float(tol), backend, chunk_groups
-        self.weights = weights
-        self.multipliers = [float(m) for m in mults]
-        self.column_scales = [None if s is None else s.detach().to(torch.float32).contiguous() for s in scales]
+        self.max_iter, self.tol, self.chunk_groups = max_iter, float(tol), chunk_groups
+        self._key = self._signature(weights, mults, scales)
         self._triton_plans = []
         self._torch_items: list[tuple[Tensor, float, Tensor | None]] = []
-        on_triton: dict[torch.device, list[tuple[Tensor, float, Tensor | None]]] = {}
-        for weight, mult, scale in zip(self.weights, self.multipliers, self.column_scales):
+        on_triton: dict[torch.device, tuple[list, list, list]] = {}
+        for weight, mult, scale in zip(weights, mults, scales):
             if weight.numel() == 0 or mult == 0:
                 continue
+            scale = None if scale is None else scale.detach().to(torch.float32).contiguous()
             if resolve_backend(backend, weight.device) == "triton":
-                on_triton.setdefault(weight.device, []).append((weight, mult, scale))
+                views, view_mults, view_scales = on_triton.setdefault(weight.device, ([], [], []))
+                for view in as_2d(weight.detach()):
+                    views.append(view)
+                    view_mults.append(mult)
+                    view_scales.append(scale)
             else:
                 self._torch_items.append((weight, mult, scale))
         if on_triton:
             from .kernels import TritonProxPlan
-            from .kernels.triton_prox import as_2d
 
-            for items in on_triton.values():
-                views, view_scales, view_mults = [], [], []
-                for weight, mult, scale in items:
-                    for view in as_2d(weight.detach()):
-                        views.append(view)
-                        view_scales.append(scale)
-                        view_mults.append(mult)
+            for views, view_mults, view_scales in on_triton.values():
                 self._triton_plans.append(TritonProxPlan(views, view_scales, view_mults))
-        self._key = self._signature(self.weights, self.multipliers, scales)
 
     @staticmethod
     def _signature(weights, multipliers, scales) -> tuple:
@@ -277,7 +265,7 @@ class Prox2to4Batch:
                 w.stride(),
                 w.dtype,
                 w.device,
-                float(m),
+                m,
                 None if s is None else s.data_ptr(),
             )
             for w, m, s in zip(weights, multipliers, scales)
@@ -290,10 +278,10 @@ class Prox2to4Batch:
         column_scales: list[Tensor | None] | None = None,
     ) -> bool:
         """Whether this batch was built for exactly these weights (same storage, shape, strides), factors and scales."""
-        weights = list(weights)
-        mults = [1.0] * len(weights) if multipliers is None else list(multipliers)
-        scales = [None] * len(weights) if column_scales is None else list(column_scales)
-        return len(weights) == len(mults) == len(scales) and self._signature(weights, mults, scales) == self._key
+        try:
+            return self._signature(*per_weight(weights, multipliers, column_scales)) == self._key
+        except ValueError:  # not one factor and one scale per weight: not what this batch was built for
+            return False
 
     @torch.no_grad()
     def __call__(self, lam: float) -> None:
@@ -308,19 +296,36 @@ class Prox2to4Batch:
             _prox_torch_(weight, float(lam) * mult, self.max_iter, self.tol, self.chunk_groups, scale)
 
 
+def as_2d(weight: Tensor) -> list[Tensor]:
+    """2-D views of ``weight`` with its last dimension kept (one view when it can be flattened, else one per slice)."""
+    if weight.dim() == 1:
+        return [weight.unsqueeze(0)]
+    if weight.dim() == 2:
+        return [weight]
+    try:
+        return [weight.view(-1, weight.shape[-1])]
+    except RuntimeError:
+        return [view for sub in weight.unbind(0) for view in as_2d(sub)]
+
+
+def per_weight(weights, multipliers=None, column_scales=None) -> tuple[list, list[float], list]:
+    """``(weights, multipliers, column_scales)`` as lists of one entry per weight (factor 1 and no scale by default)."""
+    weights = list(weights)
+    mults = [1.0] * len(weights) if multipliers is None else [float(m) for m in multipliers]
+    scales = [None] * len(weights) if column_scales is None else list(column_scales)
+    if not len(weights) == len(mults) == len(scales):
+        raise ValueError(
+            f"got {len(weights)} weights, {len(mults)} multipliers and {len(scales)} column scales; "
+            "give one multiplier and one column scale (or None) per weight."
+        )
+    return weights, mults, scales
+
+
 def _prox_torch_(
     weight: Tensor, lam: float, max_iter: int, tol: float, chunk_groups: int, scale: Tensor | None = None
 ) -> None:
-    if weight.dim() == 1:
-        weight = weight.unsqueeze(0)
-    if weight.dim() > 2:
-        try:
-            weight = weight.view(-1, weight.shape[-1])
-        except RuntimeError:
-            for sub in weight.unbind(0):
-                _prox_torch_(sub, lam, max_iter, tol, chunk_groups, scale)
-            return
-    _Prox2D(weight, lam, max_iter, tol, chunk_groups, scale).run()
+    for view in as_2d(weight):
+        _Prox2D(view, lam, max_iter, tol, chunk_groups, scale).run()
 
 
 class _Prox2D:

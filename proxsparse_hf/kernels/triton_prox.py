@@ -35,6 +35,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..prox import as_2d, per_weight
+
 __all__ = ["TritonProxPlan", "prox_2to4_triton_"]
 
 # launch configuration: the fastest of 7 tiles x warps x check intervals on an H200 (benchmarks/prox_kernel.py --sweep,
@@ -426,7 +428,7 @@ class TritonProxPlan:
     Args:
         weights: 2-D CUDA float32/bfloat16/float16 tensors (views allowed; groups of 4 along the last dimension) on one
             device. They are updated in place by :meth:`run`; the plan stores their addresses, so rebuild it when a
-            weight is reallocated (see :meth:`matches`).
+            weight is reallocated.
         column_scales: per weight, ``None`` or a contiguous float32 vector with one entry per column (> 0): that weight's
             prox runs in the coordinates ``W * s`` and is written back divided by ``s``.
         multipliers: per weight, the factor applied to ``lam`` (per-layer λ); default 1.
@@ -453,15 +455,7 @@ class TritonProxPlan:
         for name, value in (("block_rows", self.block_r), ("block_cols", self.block_c)):
             if value < 1 or value & (value - 1):
                 raise ValueError(f"`{name}`={value} must be a power of two.")
-        weights = list(weights)
-        scales = list(column_scales) if column_scales is not None else [None] * len(weights)
-        mults = [float(m) for m in multipliers] if multipliers is not None else [1.0] * len(weights)
-        if not (len(scales) == len(weights) == len(mults)):
-            raise ValueError(
-                f"got {len(weights)} weights, {len(scales)} column scales and {len(mults)} multipliers; "
-                "give one of each per weight."
-            )
-        self.key = self._key(weights, scales, mults)
+        weights, mults, scales = per_weight(weights, multipliers, column_scales)
         devices = {w.device for w in weights}
         if len(devices) > 1:
             raise ValueError(f"all weights of one plan must be on one CUDA device, got {sorted(map(str, devices))}.")
@@ -488,25 +482,6 @@ class TritonProxPlan:
                     self._launches.append(
                         _Launch(dtype, scaled, unit_col, wide, entries, ms, self.device, self.block_r, self.block_c)
                     )
-
-    @staticmethod
-    def _key(weights, scales, mults) -> tuple:
-        return tuple(
-            (w.data_ptr(), tuple(w.shape), w.stride(), w.dtype, w.device, None if s is None else s.data_ptr(), m)
-            for w, s, m in zip(weights, scales, mults)
-        )
-
-    def matches(
-        self,
-        weights: Sequence[Tensor],
-        column_scales: Sequence[Tensor | None] | None = None,
-        multipliers: Sequence[float] | None = None,
-    ) -> bool:
-        """Whether this plan was built for exactly these weights (same storage, shapes, strides), scales and factors."""
-        weights = list(weights)
-        scales = list(column_scales) if column_scales is not None else [None] * len(weights)
-        mults = [float(m) for m in multipliers] if multipliers is not None else [1.0] * len(weights)
-        return len(scales) == len(weights) == len(mults) and self._key(weights, scales, mults) == self.key
 
     def run(self, lam: float, *, max_iter: int, tol: float) -> None:
         """Replace every weight of the plan by its prox with strength ``lam * multiplier`` (in place)."""
@@ -536,18 +511,6 @@ class TritonProxPlan:
                 )
                 _prox_kernel[(item.n_tiles,)](*args, EXACT=False, **meta)
                 _prox_kernel[(item.n_tiles,)](*args, EXACT=True, **meta)
-
-
-def as_2d(weight: Tensor) -> list[Tensor]:
-    """2-D views of ``weight`` with its last dimension kept (one view when it can be flattened, else one per slice)."""
-    if weight.dim() == 1:
-        return [weight.unsqueeze(0)]
-    if weight.dim() == 2:
-        return [weight]
-    try:
-        return [weight.view(-1, weight.shape[-1])]
-    except RuntimeError:
-        return [view for sub in weight.unbind(0) for view in as_2d(sub)]
 
 
 def prox_2to4_triton_(
