@@ -311,12 +311,63 @@ def _sdpa_context(backend: str):
     return sdpa_kernel({"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[backend])
 
 
-def compiled_prefill(layers: int, lengths: list[int], cache_dir: str, sdpa: list[str], mode: str) -> None:
+# kernel-name patterns of a profiled prefill, first match wins (lower-case names). Inductor's generated kernels come
+# first: their names list the ops they fused (a norm fused after a sparse matmul is named "..._cslt_sparse_mm_...")
+KERNEL_CLASSES = (
+    ("fused_elementwise", ("triton",)),
+    ("sparse_gemm", ("sparse", "cusparselt", "sp_gemm")),
+    ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
+    ("dense_gemm", ("gemm", "nvjet", "xmma", "cutlass", "cublas")),
+    ("copy", ("copy", "clone", "cat")),
+)
+
+
+def kernel_class(name: str) -> str:
+    """The :data:`KERNEL_CLASSES` class of a CUDA kernel name (``"other"`` when no pattern matches)."""
+    name = name.lower()
+    return next((kind for kind, patterns in KERNEL_CLASSES if any(p in name for p in patterns)), "other")
+
+
+def kernel_breakdown(run, calls: int = 3) -> dict:
+    """GPU time of ``calls`` runs of ``run`` per kernel class (``KERNEL_CLASSES``), per call, from ``torch.profiler``;
+    plus the ten kernels taking the most time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            run()
+        torch.cuda.synchronize()
+    per_class: dict[str, float] = {}
+    per_kernel: dict[str, list] = {}
+    for event in prof.events():
+        if event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        us = event.time_range.elapsed_us()
+        kind = kernel_class(event.name)
+        per_class[kind] = per_class.get(kind, 0.0) + us
+        entry = per_kernel.setdefault(event.name[:90], [kind, 0.0, 0])
+        entry[1] += us
+        entry[2] += 1
+    top = sorted(per_kernel.items(), key=lambda kv: -kv[1][1])[:10]
+    return {
+        "gpu_ms_per_call": round(sum(per_class.values()) / calls / 1e3, 3),
+        "ms_per_call_by_class": {k: round(v / calls / 1e3, 3) for k, v in sorted(per_class.items())},
+        "top_kernels": [
+            {"name": name, "class": kind, "ms_per_call": round(us / calls / 1e3, 3), "launches_per_call": n // calls}
+            for name, (kind, us, n) in top
+        ],
+    }
+
+
+def compiled_prefill(
+    layers: int, lengths: list[int], cache_dir: str, sdpa: list[str], mode: str, profile: bool = False
+) -> None:
     """Prefill of the dense and the converted (graph-tuned) model with every decoder layer compiled by
     ``torch.compile`` (regional compilation: one compiled block reused by all layers; Inductor fuses the norms, rotary
     embedding and SiLU-gating that eager mode runs as separate kernels), under each SDPA backend in ``sdpa``; timed
     eagerly and, unless ``mode`` already runs CUDA graphs (``"reduce-overhead"``: Inductor's CUDA-graph trees), as a
-    manual CUDA-graph replay of the compiled model."""
+    manual CUDA-graph replay of the compiled model. ``profile``: add each configuration's GPU time per kernel class
+    (:func:`kernel_breakdown`)."""
     rows = {}
     for label in ("dense", "2:4 dispatch (tuned cuda_graph)"):
         model = build_7b(torch.bfloat16, layers)
@@ -337,6 +388,16 @@ def compiled_prefill(layers: int, lengths: list[int], cache_dir: str, sdpa: list
                             warmup=4,
                             mark_step=mode == "reduce-overhead",
                         )
+                        if profile:
+                            ids = torch.randint(0, 32000, (1, length), device="cuda")
+
+                            def step(ids=ids, model=model):
+                                if mode == "reduce-overhead":
+                                    torch.compiler.cudagraph_mark_step_begin()
+                                with torch.no_grad():
+                                    model(input_ids=ids, use_cache=False, logits_to_keep=1)
+
+                            row["kernels"] = kernel_breakdown(step)
                     except Exception as exc:  # noqa: BLE001 - report why this configuration did not run
                         row = {"level": "model", "what": "prefill", "tokens": length, "error": str(exc)[:300]}
                 row.update(
@@ -371,6 +432,9 @@ def main(argv: list[str] | None = None) -> int:
         default="reduce-overhead",
         choices=("default", "reduce-overhead", "max-autotune-no-cudagraphs"),
     )
+    parser.add_argument(
+        "--profile", action="store_true", help="compiled part: GPU time per kernel class (torch.profiler)"
+    )
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16"], choices=("bfloat16", "float16"))
     parser.add_argument("--gemm-models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--layers", type=int, default=32, help="decoder layers of the 7B-shaped model")
@@ -399,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.part in ("all", "model"):
             model_level(args.layers, args.prefill, args.batches, args.new_tokens, args.cache_dir)
         if args.part == "compiled":
-            compiled_prefill(args.layers, args.prefill, args.cache_dir, args.sdpa, args.compile_mode)
+            compiled_prefill(args.layers, args.prefill, args.cache_dir, args.sdpa, args.compile_mode, args.profile)
         if args.part == "decode":
             for row in decode_ab(build_7b(torch.bfloat16, args.layers), args.batches, args.new_tokens, args.cache_dir):
                 emit(row)

@@ -2,27 +2,30 @@
 
 Every group of 4 is read once into registers, solved in float32 and written back once, in place.
 
-Two launches share one kernel body:
+Two kernels share one tile solver:
 
-1. the *fast* pass runs projected coordinate descent on the groups certified convex
+1. the *fast* pass (one program per tile) runs projected coordinate descent on the groups certified convex
    (``2 * lam * (sum|v| - min|v|) < 1``, every group at LLM weight scale) with a per-group stop once the
-   a-posteriori bound on the distance to the minimiser is below ``tol * max|v|``. A block whose groups all pass writes
-   its result; a block holding any group it cannot certify (non-convex, or not converged within ``max_iter``) writes
+   a-posteriori bound on the distance to the minimiser is below ``tol * max|v|``. A tile whose groups all pass writes
+   its result; a tile holding any group it cannot certify (non-convex, or not converged within ``max_iter``) writes
    nothing and raises a one-byte flag.
-2. the *exact* pass revisits the flagged blocks only (every other program returns at once), runs the same descent and
-   solves the remaining groups exactly from the candidate supports of the sorted magnitudes: the two largest, the
-   unique interior minimum on the three-largest face (bisection on a 1-D profile whose derivative is increasing on a
-   bracket we locate), and the four-support face (coordinate descent from two starts, each Newton-polished, and pure
-   Newton from the three-support point and from |v|/2 and |v|/4).
+2. the *exact* pass: each program reads 16-1024 flags (by plan size) in one vector load and solves only the flagged
+   tiles among them, so with no flag raised the pass is a few waves of tiny programs, not one program per tile (its
+   register-heavy programs fit few per SM: one per tile cost a large share of the fast pass's time). It runs the same
+   descent and solves the remaining groups exactly from the candidate supports of the sorted magnitudes: the two
+   largest, the unique interior minimum on the three-largest face (bisection on a 1-D profile whose derivative is
+   increasing on a bracket we locate), and the four-support face (coordinate descent from two starts, each
+   Newton-polished, and pure Newton from the three-support point and from |v|/2 and |v|/4).
 
 Many weights are solved by one launch per pass: :class:`TritonProxPlan` keeps a small table (pointer, shape, strides,
 column scale, λ multiplier of every weight, and where its tiles start) on the GPU, plus the owning weight of every tile;
 each program of the grid reads its weight's row, then its tile of ``BLOCK_ROWS x BLOCK_COLS`` groups (rows x groups
-within a row) without any integer division per group. A training step therefore costs two kernel launches whatever the number of
-target matrices, instead of two per matrix (whose host-side launch cost exceeded the GPU work on 7B-sized layers).
+within a row, held as a rows x groups x 4 block) without any integer division per group. A training step therefore
+costs two kernel launches whatever the number of target matrices, instead of two per matrix (whose host-side launch
+cost exceeded the GPU work on 7B-sized layers).
 
-Extra memory: five bytes per tile (of ``BLOCK_ROWS * BLOCK_COLS`` groups) and 64 bytes per weight, allocated once per
-plan. Triton is imported by this module
+Extra memory, allocated once per plan: one flag byte per tile (of ``BLOCK_ROWS * BLOCK_COLS`` groups), plus four
+bytes per tile naming its weight when the plan has several, and 64 bytes per weight. Triton is imported by this module
 only; never at package import.
 """
 
@@ -39,13 +42,19 @@ from ..prox import as_2d, per_weight
 
 __all__ = ["TritonProxPlan", "prox_2to4_triton_"]
 
-# launch configuration: the fastest of 7 tiles x warps x check intervals on an H200 (benchmarks/prox_kernel.py --sweep,
-# benchmarks/results/prox_kernel_h200.json); a program solves BLOCK_ROWS rows x BLOCK_COLS groups of 4
-BLOCK_ROWS = 32
-BLOCK_COLS = 16
-NUM_WARPS = 4
+# launch configuration: the fastest of 17 tiles x warps x check intervals on an H200 in two sweeps
+# (benchmarks/prox_kernel.py --sweep, benchmarks/results/prox_kernel_h200.json): a program is two warps solving
+# BLOCK_ROWS rows x BLOCK_COLS groups (two groups per thread)
+BLOCK_ROWS = 4
+BLOCK_COLS = 32
+NUM_WARPS = 2
 CHECK_EVERY = 4
-_TABLE_COLUMNS = 8  # pointer, scale pointer, first tile, rows, groups per row, row stride, column stride, λ factor
+# int64 columns of the weight table: pointer, scale pointer, first tile, rows, groups per row, row stride, column
+# stride, λ multiplier (float32 bits)
+TABLE_COLUMNS: tl.constexpr = tl.constexpr(8)
+# flags read at once by one program of the exact pass: enough programs to fill the GPU several times over when every
+# tile is flagged, few enough that the pass is a handful of waves when none is
+SCAN_MIN, SCAN_MAX, SCAN_PROGRAMS_PER_SM = 16, 1024, 8
 BISECT_ITERS = 40
 NEWTON_ITERS = 8
 
@@ -75,14 +84,16 @@ def _sweep(w0, w1, w2, w3, a0, a1, a2, a3, lam):
 
 
 @triton.jit
-def _descent(w0, w1, w2, w3, a0, a1, a2, a3, lam, num, den, thresh, watch, max_iter, CHECK: tl.constexpr):
-    """Coordinate descent, CHECK sweeps between checks; a group's result is frozen at the first check where
-    ``num * max|step| <= thresh * den`` (``num / den``: its contraction gain). Groups still moving after the last
-    check that fits in ``max_iter`` sweeps come back with ``done`` false."""
+def _descent(w0, w1, w2, w3, a0, a1, a2, a3, lam, num, den, thresh, watch, start, max_iter, CHECK: tl.constexpr):
+    """Coordinate descent of the ``watch``-ed groups (``start``: whether there is any), CHECK sweeps between checks;
+    a group's result is frozen at the first check where ``num * max|step| <= thresh * den`` (``num / den``: its
+    contraction gain). Groups still moving after the last check that fits in ``max_iter`` sweeps come back with
+    ``done`` false; ``all_done`` tells whether any did."""
     r0, r1, r2, r3 = w0, w1, w2, w3
     done = watch == 0
+    all_done = start == 0
     sweep = 0
-    going = (tl.max((done == 0).to(tl.int32), axis=0) > 0) & (CHECK <= max_iter)
+    going = start & (CHECK <= max_iter)
     while going:
         for _ in tl.static_range(CHECK - 1):
             w0, w1, w2, w3 = _sweep(w0, w1, w2, w3, a0, a1, a2, a3, lam)
@@ -96,12 +107,13 @@ def _descent(w0, w1, w2, w3, a0, a1, a2, a3, lam, num, den, thresh, watch, max_i
         r2 = tl.where(newly, w2, r2)
         r3 = tl.where(newly, w3, r3)
         done = done | newly
-        going = (tl.max((done == 0).to(tl.int32), axis=0) > 0) & (sweep + CHECK <= max_iter)
+        all_done = tl.max((done == 0).to(tl.int32), axis=None) == 0
+        going = (all_done == 0) & (sweep + CHECK <= max_iter)
     r0 = tl.where(done, r0, w0)
     r1 = tl.where(done, r1, w1)
     r2 = tl.where(done, r2, w2)
     r3 = tl.where(done, r3, w3)
-    return r0, r1, r2, r3, done
+    return r0, r1, r2, r3, done, all_done
 
 
 @triton.jit
@@ -256,15 +268,18 @@ def _exact(a0, a1, a2, a3, lam, tol, max_iter, CHECK: tl.constexpr, BISECT: tl.c
     thresh = tol * s0
     one = zero + 1.0
     watch = s0 >= 0
-    c0, c1, c2, c3, _d = _descent(s0, s1, s2, s3, s0, s1, s2, s3, lam, one, one, thresh, watch, max_iter, CHECK)
+    c0, c1, c2, c3, _d, _a = _descent(
+        s0, s1, s2, s3, s0, s1, s2, s3, lam, one, one, thresh, watch, True, max_iter, CHECK
+    )
     c0, c1, c2, c3 = _newton_polish(c0, c1, c2, c3, s0, s1, s2, s3, lam, NEWTON)
     fc = _objective(c0, c1, c2, c3, s0, s1, s2, s3, lam)
     best, b0, b1, b2, b3 = _pick(best, b0, b1, b2, b3, fc, c0, c1, c2, c3)
     mean = 0.25 * (s0 + s1 + s2 + s3)
     gamma = 2.0 / (1.0 + tl.sqrt(1.0 + (12.0 * lam) * mean))
-    c0, c1, c2, c3, _d = _descent(
-        s0 * gamma, s1 * gamma, s2 * gamma, s3 * gamma, s0, s1, s2, s3, lam, one, one, thresh, watch, max_iter, CHECK
-    )
+    c0, c1, c2, c3, _d, _a = _descent(
+        s0 * gamma, s1 * gamma, s2 * gamma, s3 * gamma, s0, s1, s2, s3, lam, one, one, thresh, watch, True, max_iter,
+        CHECK,
+    )  # fmt: skip
     c0, c1, c2, c3 = _newton_polish(c0, c1, c2, c3, s0, s1, s2, s3, lam, NEWTON)
     fc = _objective(c0, c1, c2, c3, s0, s1, s2, s3, lam)
     best, b0, b1, b2, b3 = _pick(best, b0, b1, b2, b3, fc, c0, c1, c2, c3)
@@ -287,7 +302,8 @@ def _exact(a0, a1, a2, a3, lam, tol, max_iter, CHECK: tl.constexpr, BISECT: tl.c
 
 
 @triton.jit
-def _prox_kernel(
+def _solve_tile(
+    tile,
     table,
     owners,
     flags,
@@ -299,25 +315,24 @@ def _prox_kernel(
     SCALED: tl.constexpr,
     UNIT_COL: tl.constexpr,
     WIDE: tl.constexpr,
+    ONE: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
     CHECK: tl.constexpr,
     BISECT: tl.constexpr,
     NEWTON: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    if EXACT:
-        flagged = tl.load(flags + pid)
-        tl.debug_barrier()  # every warp has read the flag before one of them clears it
-        if flagged == 0:
-            return
-        tl.store(flags + pid, 0)  # leaves the flags zeroed for the plan's next run
-    entry = table + tl.load(owners + pid) * 8  # the row (_TABLE_COLUMNS = 8 wide) of this tile's weight
+    """Solve tile ``tile`` of the plan in place. Fast (``EXACT`` false): writes its result when every group is
+    certified, else writes nothing and raises the tile's flag. Exact: solves every group and writes."""
+    if ONE:  # a one-weight plan has no owner list
+        entry = table
+    else:
+        entry = table + tl.load(owners + tile) * TABLE_COLUMNS  # the table row of this tile's weight
     if UNIT_COL:  # the plan puts only weights whose groups start at 4-element-aligned addresses here
         ptr = tl.multiple_of(tl.load(entry).to(tl.pointer_type(DTYPE)), 16)
     else:
         ptr = tl.load(entry).to(tl.pointer_type(DTYPE))
-    local = pid - tl.load(entry + 2).to(tl.int32)
+    local = tile - tl.load(entry + 2).to(tl.int32)
     t_lam = lam * tl.load(entry + 7).to(tl.int32).to(tl.float32, bitcast=True)  # lam x the weight's multiplier
     if WIDE:
         rows = tl.load(entry + 3)
@@ -332,24 +347,23 @@ def _prox_kernel(
     col_tiles = (gpr + BLOCK_C - 1) // BLOCK_C
     tile_row = local // col_tiles
     tile_col = local - tile_row * col_tiles
-    lane = tl.arange(0, BLOCK_R * BLOCK_C)
-    row = tile_row * BLOCK_R + lane // BLOCK_C  # BLOCK_C is a power of two: shifts and masks, no division
-    grp = tile_col * BLOCK_C + (lane % BLOCK_C)
-    in_range = (row < rows) & (grp < gpr)
-    j = tl.arange(0, 4)
+    row = tile_row * BLOCK_R + tl.arange(0, BLOCK_R)
+    grp = tile_col * BLOCK_C + tl.arange(0, BLOCK_C)
+    in_range = (row[:, None] < rows) & (grp[None, :] < gpr)  # [rows, groups] of the tile
+    j = tl.arange(0, 4)[None, None, :]
+    col = (grp * 4)[None, :, None] + j  # the tile's columns, [1, groups, 4]
     if UNIT_COL:  # contiguous groups: one vector load per group (row strides are multiples of 4, see the plan)
-        start = tl.multiple_of(row * stride_row, 4) + grp * 4
-        offs = start[:, None] + j[None, :]
+        offs = tl.multiple_of(row * stride_row, 4)[:, None, None] + col
     else:
-        offs = row[:, None] * stride_row + (grp[:, None] * 4 + j[None, :]) * stride_col
-    mask = tl.broadcast_to(in_range[:, None], (BLOCK_R * BLOCK_C, 4))
+        offs = row[:, None, None] * stride_row + col * stride_col
+    mask = tl.broadcast_to(in_range[:, :, None], (BLOCK_R, BLOCK_C, 4))
     raw = tl.load(ptr + offs, mask=mask, other=0.0)
     v = raw.to(tl.float32)
-    if SCALED:  # prox in the coordinates W * s (s per column), result divided by s on the way out
+    if SCALED:  # prox in the coordinates W * s (s per column), result times 1 / s on the way out
         scale_ptr = tl.load(entry + 1).to(tl.pointer_type(tl.float32))
-        s = tl.load(scale_ptr + grp[:, None] * 4 + j[None, :], mask=mask, other=1.0)
+        s = tl.load(scale_ptr + col, mask=(grp < gpr)[None, :, None], other=1.0)  # once per column, not per row
         v = v * s
-    evens, odds = tl.split(tl.reshape(v, (BLOCK_R * BLOCK_C, 2, 2)))
+    evens, odds = tl.split(tl.reshape(v, (BLOCK_R, BLOCK_C, 2, 2)))
     v0, v2 = tl.split(evens)
     v1, v3 = tl.split(odds)
     a0 = tl.abs(v0)
@@ -365,38 +379,108 @@ def _prox_kernel(
     convex = rho < 1.0
     thresh = tol * amax
     watch = active & convex
+    # one block-wide reduction tells both whether any group is watched (bit 0) and whether any active group is
+    # non-convex (bit 1: the tile needs the exact pass whatever the descent does)
+    status = tl.max(watch.to(tl.int32) | ((active & (convex == 0)).to(tl.int32) * 2), axis=None)
     # stop test rho / (1 - rho) * max|step| <= thresh, without the division
-    w0, w1, w2, w3, done = _descent(
-        a0, a1, a2, a3, a0, a1, a2, a3, t_lam, rho, 1.0 - rho, thresh, watch, max_iter, CHECK
+    w0, w1, w2, w3, done, all_done = _descent(
+        a0, a1, a2, a3, a0, a1, a2, a3, t_lam, rho, 1.0 - rho, thresh, watch, (status & 1) != 0, max_iter, CHECK
     )
-    pending = active & ((convex & done) == 0)
-    any_pending = tl.max(pending.to(tl.int32), axis=0) > 0
+    write = True
     if EXACT:
+        pending = active & ((convex & done) == 0)
         e0, e1, e2, e3 = _exact(a0, a1, a2, a3, t_lam, tol, max_iter, CHECK, BISECT, NEWTON)
         w0 = tl.where(pending, e0, w0)
         w1 = tl.where(pending, e1, w1)
         w2 = tl.where(pending, e2, w2)
         w3 = tl.where(pending, e3, w3)
     else:
-        if any_pending:
-            tl.store(flags + pid, 1)
-            return
-    # restore signs by copying the sign bit (w >= 0, never -0.0): zeros are written back as read, -0.0 included
-    out = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (BLOCK_R * BLOCK_C, 4))
-    sign = v.to(tl.uint32, bitcast=True) & 0x80000000
-    out = (out.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
-    if SCALED:
-        out = out / s
-    tl.store(ptr + offs, out.to(raw.dtype), mask=mask)
+        if ((status & 2) != 0) | (all_done == 0):
+            tl.store(flags + tile, 1)
+            write = False
+    if write:
+        # restore signs by copying the sign bit (w >= 0, never -0.0): zeros are written back as read, -0.0 included
+        out = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (BLOCK_R, BLOCK_C, 4))
+        sign = v.to(tl.uint32, bitcast=True) & 0x80000000
+        out = (out.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+        if SCALED:
+            out = out * (1.0 / s)
+        tl.store(ptr + offs, out.to(raw.dtype), mask=mask)
+
+
+@triton.jit
+def _prox_fast_kernel(
+    table,
+    owners,
+    flags,
+    lam,
+    tol,
+    max_iter,
+    DTYPE: tl.constexpr,
+    SCALED: tl.constexpr,
+    UNIT_COL: tl.constexpr,
+    WIDE: tl.constexpr,
+    ONE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    CHECK: tl.constexpr,
+    BISECT: tl.constexpr,
+    NEWTON: tl.constexpr,
+):
+    """Pass 1: one program per tile."""
+    _solve_tile(
+        tl.program_id(0), table, owners, flags, lam, tol, max_iter,
+        DTYPE, False, SCALED, UNIT_COL, WIDE, ONE, BLOCK_R, BLOCK_C, CHECK, BISECT, NEWTON,
+    )  # fmt: skip
+
+
+@triton.jit
+def _prox_exact_kernel(
+    table,
+    owners,
+    flags,
+    n_tiles,
+    lam,
+    tol,
+    max_iter,
+    DTYPE: tl.constexpr,
+    SCALED: tl.constexpr,
+    UNIT_COL: tl.constexpr,
+    WIDE: tl.constexpr,
+    ONE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    CHECK: tl.constexpr,
+    BISECT: tl.constexpr,
+    NEWTON: tl.constexpr,
+    SCAN: tl.constexpr,
+):
+    """Pass 2: each program reads SCAN flags at once and solves the flagged tiles among them exactly, one after the
+    other, then clears their flags (left zeroed for the plan's next run). With no flag raised a program is one
+    vector load and a sum, so this pass costs a few microseconds on the common path."""
+    idx = tl.program_id(0) * SCAN + tl.arange(0, SCAN)
+    flagged = tl.load(flags + idx, mask=idx < n_tiles, other=0).to(tl.int32)
+    count = tl.sum(flagged, axis=0)
+    if count > 0:
+        rank = tl.cumsum(flagged, axis=0)
+        k = count * 0
+        while k < count:
+            k += 1
+            tile = tl.sum(tl.where((flagged > 0) & (rank == k), idx, 0), axis=0)
+            _solve_tile(
+                tile, table, owners, flags, lam, tol, max_iter,
+                DTYPE, True, SCALED, UNIT_COL, WIDE, ONE, BLOCK_R, BLOCK_C, CHECK, BISECT, NEWTON,
+            )  # fmt: skip
+        tl.store(flags + idx, tl.zeros_like(flagged).to(tl.uint8), mask=flagged > 0)
 
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 class _Launch:
-    """One launch's data, copied to the GPU in one transfer: the weight table (``_TABLE_COLUMNS`` int64 per weight:
-    pointer, scale pointer, first tile, rows, groups per row, row stride, column stride, λ multiplier's float32 bits),
-    the owning weight of every tile (int32) and one flag byte per tile (zero)."""
+    """One launch's data: the weight table (``TABLE_COLUMNS`` int64 per weight: pointer, scale pointer, first tile,
+    rows, groups per row, row stride, column stride, λ multiplier's float32 bits) and, for several weights, the owning
+    weight of every tile (int32), copied to the GPU in one transfer; one flag byte per tile, zeroed on the GPU."""
 
     def __init__(self, dtype, scaled, unit_col, wide, entries, multipliers, device, block_r, block_c):
         self.dtype, self.scaled, self.unit_col, self.wide = dtype, scaled, unit_col, wide
@@ -412,14 +496,21 @@ class _Launch:
             tiles.append(count)
             first_tile += count
         self.n_tiles = first_tile
-        table = torch.tensor(rows, dtype=torch.int64).view(torch.uint8).reshape(-1)
-        owners = torch.repeat_interleave(torch.arange(len(rows), dtype=torch.int32), torch.tensor(tiles))
-        host = torch.cat([table, owners.view(torch.uint8), torch.zeros(self.n_tiles, dtype=torch.uint8)])
+        self.one = len(rows) == 1
+        host = torch.tensor(rows, dtype=torch.int64).view(torch.uint8).reshape(-1)
+        table_bytes = host.numel()
+        if not self.one:
+            owners = torch.repeat_interleave(torch.arange(len(rows), dtype=torch.int32), torch.tensor(tiles))
+            host = torch.cat([host, owners.view(torch.uint8)])
         buffer = host.pin_memory().to(device, non_blocking=True)
-        table_bytes, owner_bytes = table.numel(), owners.numel() * 4
         self.table = buffer[:table_bytes].view(torch.int64)
-        self.owners = buffer[table_bytes : table_bytes + owner_bytes].view(torch.int32)
-        self.flags = buffer[table_bytes + owner_bytes :]
+        # a one-weight plan passes the table as the (never read) owner list
+        self.owners = buffer[table_bytes:].view(torch.int32) if not self.one else self.table.view(torch.int32)
+        self.flags = torch.zeros(self.n_tiles, dtype=torch.uint8, device=device)
+        per_program = self.n_tiles // (
+            SCAN_PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+        )
+        self.scan = min(SCAN_MAX, max(SCAN_MIN, 1 << max(per_program, 1).bit_length() - 1))
 
 
 class TritonProxPlan:
@@ -502,6 +593,7 @@ class TritonProxPlan:
                     SCALED=item.scaled,
                     UNIT_COL=item.unit_col,
                     WIDE=item.wide,
+                    ONE=item.one,
                     BLOCK_R=self.block_r,
                     BLOCK_C=self.block_c,
                     CHECK=self.check,
@@ -509,8 +601,10 @@ class TritonProxPlan:
                     NEWTON=NEWTON_ITERS,
                     num_warps=self.num_warps,
                 )
-                _prox_kernel[(item.n_tiles,)](*args, EXACT=False, **meta)
-                _prox_kernel[(item.n_tiles,)](*args, EXACT=True, **meta)
+                _prox_fast_kernel[(item.n_tiles,)](*args, **meta)
+                _prox_exact_kernel[(triton.cdiv(item.n_tiles, item.scan),)](
+                    *args[:3], item.n_tiles, *args[3:], SCAN=item.scan, **meta
+                )
 
 
 def prox_2to4_triton_(
