@@ -2,7 +2,7 @@
 
 Every group of 4 is read once into registers, solved in float32 and written back once, in place.
 
-Two kernels share one tile solver:
+Two passes, compiled separately from one kernel, share one tile solver:
 
 1. the *fast* pass (one program per tile) runs projected coordinate descent on the groups certified convex
    (``2 * lam * (sum|v| - min|v|) < 1``, every group at LLM weight scale) with a per-group stop once the
@@ -409,33 +409,7 @@ def _solve_tile(
 
 
 @triton.jit
-def _prox_fast_kernel(
-    table,
-    owners,
-    flags,
-    lam,
-    tol,
-    max_iter,
-    DTYPE: tl.constexpr,
-    SCALED: tl.constexpr,
-    UNIT_COL: tl.constexpr,
-    WIDE: tl.constexpr,
-    ONE: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    CHECK: tl.constexpr,
-    BISECT: tl.constexpr,
-    NEWTON: tl.constexpr,
-):
-    """Pass 1: one program per tile."""
-    _solve_tile(
-        tl.program_id(0), table, owners, flags, lam, tol, max_iter,
-        DTYPE, False, SCALED, UNIT_COL, WIDE, ONE, BLOCK_R, BLOCK_C, CHECK, BISECT, NEWTON,
-    )  # fmt: skip
-
-
-@triton.jit
-def _prox_exact_kernel(
+def _prox_kernel(
     table,
     owners,
     flags,
@@ -444,6 +418,7 @@ def _prox_exact_kernel(
     tol,
     max_iter,
     DTYPE: tl.constexpr,
+    EXACT: tl.constexpr,
     SCALED: tl.constexpr,
     UNIT_COL: tl.constexpr,
     WIDE: tl.constexpr,
@@ -455,23 +430,30 @@ def _prox_exact_kernel(
     NEWTON: tl.constexpr,
     SCAN: tl.constexpr,
 ):
-    """Pass 2: each program reads SCAN flags at once and solves the flagged tiles among them exactly, one after the
-    other, then clears their flags (left zeroed for the plan's next run). With no flag raised a program is one
-    vector load and a sum, so this pass costs a few microseconds on the common path."""
-    idx = tl.program_id(0) * SCAN + tl.arange(0, SCAN)
-    flagged = tl.load(flags + idx, mask=idx < n_tiles, other=0).to(tl.int32)
-    count = tl.sum(flagged, axis=0)
-    if count > 0:
-        rank = tl.cumsum(flagged, axis=0)
-        k = count * 0
-        while k < count:
-            k += 1
-            tile = tl.sum(tl.where((flagged > 0) & (rank == k), idx, 0), axis=0)
-            _solve_tile(
-                tile, table, owners, flags, lam, tol, max_iter,
-                DTYPE, True, SCALED, UNIT_COL, WIDE, ONE, BLOCK_R, BLOCK_C, CHECK, BISECT, NEWTON,
-            )  # fmt: skip
-        tl.store(flags + idx, tl.zeros_like(flagged).to(tl.uint8), mask=flagged > 0)
+    """Pass 1 (``EXACT`` false): one program per tile. Pass 2: each program reads SCAN flags at once and solves the
+    flagged tiles among them exactly, one after the other, then clears their flags (left zeroed for the plan's next
+    run); with no flag raised a program is one vector load and a sum. The two passes compile separately (``EXACT`` is a
+    constant), so the fast pass keeps its small register count."""
+    if EXACT:
+        idx = tl.program_id(0) * SCAN + tl.arange(0, SCAN)
+        flagged = tl.load(flags + idx, mask=idx < n_tiles, other=0).to(tl.int32)
+        count = tl.sum(flagged, axis=0)
+        if count > 0:
+            rank = tl.cumsum(flagged, axis=0)
+            k = count * 0
+            while k < count:
+                k += 1
+                tile = tl.sum(tl.where((flagged > 0) & (rank == k), idx, 0), axis=0)
+                _solve_tile(
+                    tile, table, owners, flags, lam, tol, max_iter,
+                    DTYPE, True, SCALED, UNIT_COL, WIDE, ONE, BLOCK_R, BLOCK_C, CHECK, BISECT, NEWTON,
+                )  # fmt: skip
+            tl.store(flags + idx, tl.zeros_like(flagged).to(tl.uint8), mask=flagged > 0)
+    else:
+        _solve_tile(
+            tl.program_id(0), table, owners, flags, lam, tol, max_iter,
+            DTYPE, False, SCALED, UNIT_COL, WIDE, ONE, BLOCK_R, BLOCK_C, CHECK, BISECT, NEWTON,
+        )  # fmt: skip
 
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -580,14 +562,7 @@ class TritonProxPlan:
             return
         with torch.cuda.device(self.device):
             for item in self._launches:
-                args = (
-                    item.table,
-                    item.owners,
-                    item.flags,
-                    float(lam),
-                    float(tol),
-                    int(max_iter),
-                )
+                args = (item.table, item.owners, item.flags, item.n_tiles, float(lam), float(tol), int(max_iter))
                 meta = dict(
                     DTYPE=_TL_DTYPES[item.dtype],
                     SCALED=item.scaled,
@@ -599,12 +574,11 @@ class TritonProxPlan:
                     CHECK=self.check,
                     BISECT=BISECT_ITERS,
                     NEWTON=NEWTON_ITERS,
+                    SCAN=item.scan,
                     num_warps=self.num_warps,
                 )
-                _prox_fast_kernel[(item.n_tiles,)](*args, **meta)
-                _prox_exact_kernel[(triton.cdiv(item.n_tiles, item.scan),)](
-                    *args[:3], item.n_tiles, *args[3:], SCAN=item.scan, **meta
-                )
+                _prox_kernel[(item.n_tiles,)](*args, EXACT=False, **meta)
+                _prox_kernel[(triton.cdiv(item.n_tiles, item.scan),)](*args, EXACT=True, **meta)
 
 
 def prox_2to4_triton_(
