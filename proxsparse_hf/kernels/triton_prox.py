@@ -504,7 +504,7 @@ class TritonProxPlan:
             weight is reallocated.
         column_scales: per weight, ``None`` or a contiguous float32 vector with one entry per column (> 0): that weight's
             prox runs in the coordinates ``W * s`` and is written back divided by ``s`` (as a product with ``1 / s``,
-            computed once per column: within two float32 ulps of a true division before the rounding to the weight's
+            computed once per column: within a few float32 ulps of a true division, before the rounding to the weight's
             dtype).
         multipliers: per weight, the factor applied to ``lam`` (per-layer λ); default 1.
         launch: overrides of the launch configuration (``block_rows``, ``block_cols``, ``num_warps``, ``check``).
