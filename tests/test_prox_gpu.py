@@ -262,9 +262,29 @@ def _mixed_weights(gen: torch.Generator, count: int) -> tuple[list, list, list]:
     return weights, scales, mults
 
 
+def test_batch_keeps_the_scales_it_converted():
+    """Scales that are not contiguous float32 are converted when the batch is built; the plan's table points at the
+    converted copies, so the batch must keep them alive: freeing them and reusing their memory changes nothing."""
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    weights = [torch.randn(64, 256, device="cuda", generator=gen) * 0.02 for _ in range(3)]
+    scales = [torch.rand(256, device="cuda", generator=gen, dtype=torch.float64) + 0.5 for _ in weights]
+    expected = []
+    for w, s in zip(weights, scales):
+        e = w.clone()
+        prox_2to4_(e, 0.5, backend="triton", column_scale=s.float())
+        expected.append(e)
+    work = [w.clone() for w in weights]
+    batch = Prox2to4Batch(work, column_scales=[s.clone() for s in scales], backend="triton")
+    churn = [torch.full((256,), 1e6, device="cuda") for _ in range(64)]  # takes any float32 block freed above
+    batch(0.5)
+    for got, want in zip(work, expected):
+        assert torch.equal(got, want)
+    del churn
+
+
 @pytest.mark.parametrize("count", [1, 2, 37])
 def test_batch_equals_one_kernel_call_per_weight(count):
-    """One plan for many weights (table lookup by binary search) gives the single-weight results bit for bit."""
+    """One plan for many weights (a table of the weights on the GPU) gives the single-weight results bit for bit."""
     gen = torch.Generator(device="cuda").manual_seed(count)
     weights, scales, mults = _mixed_weights(gen, count)
     lam = 0.75  # lam * multiplier is exact in float32 and float64 alike

@@ -464,8 +464,10 @@ class _Launch:
     rows, groups per row, row stride, column stride, λ multiplier's float32 bits) and, for several weights, the owning
     weight of every tile (int32), copied to the GPU in one transfer; one flag byte per tile, zeroed on the GPU."""
 
-    def __init__(self, dtype, scaled, unit_col, wide, entries, multipliers, device, block_r, block_c):
-        self.dtype, self.scaled, self.unit_col, self.wide = dtype, scaled, unit_col, wide
+    def __init__(self, entries, multipliers, device, block_r, block_c):
+        # the table holds raw addresses: keep the weights and scales it points to alive as long as the launch (a
+        # scale converted to contiguous float32 by the caller may exist nowhere else)
+        self.tensors = entries
         rows, tiles = [], []
         first_tile = 0
         mult_bits = torch.tensor(multipliers, dtype=torch.float32).view(torch.int32).tolist()
@@ -550,35 +552,34 @@ class TritonProxPlan:
             entry = classes.setdefault((weight.dtype, scale is not None, unit_col, wide), ([], []))
             entry[0].append((weight, scale))
             entry[1].append(mult)
-        self._launches = []
+        self._launches: list[tuple[_Launch, dict]] = []  # each with its kernel constants, fixed for the plan
         if self.device is not None and classes:
             with torch.cuda.device(self.device):
                 for (dtype, scaled, unit_col, wide), (entries, ms) in classes.items():
-                    self._launches.append(
-                        _Launch(dtype, scaled, unit_col, wide, entries, ms, self.device, self.block_r, self.block_c)
+                    item = _Launch(entries, ms, self.device, self.block_r, self.block_c)
+                    meta = dict(
+                        DTYPE=_TL_DTYPES[dtype],
+                        SCALED=scaled,
+                        UNIT_COL=unit_col,
+                        WIDE=wide,
+                        ONE=item.one,
+                        BLOCK_R=self.block_r,
+                        BLOCK_C=self.block_c,
+                        CHECK=self.check,
+                        BISECT=BISECT_ITERS,
+                        NEWTON=NEWTON_ITERS,
+                        SCAN=item.scan,
+                        num_warps=self.num_warps,
                     )
+                    self._launches.append((item, meta))
 
     def run(self, lam: float, *, max_iter: int, tol: float) -> None:
         """Replace every weight of the plan by its prox with strength ``lam * multiplier`` (in place)."""
         if lam == 0 or not self._launches:
             return
         with torch.cuda.device(self.device):
-            for item in self._launches:
+            for item, meta in self._launches:
                 args = (item.table, item.owners, item.flags, item.n_tiles, float(lam), float(tol), int(max_iter))
-                meta = dict(
-                    DTYPE=_TL_DTYPES[item.dtype],
-                    SCALED=item.scaled,
-                    UNIT_COL=item.unit_col,
-                    WIDE=item.wide,
-                    ONE=item.one,
-                    BLOCK_R=self.block_r,
-                    BLOCK_C=self.block_c,
-                    CHECK=self.check,
-                    BISECT=BISECT_ITERS,
-                    NEWTON=NEWTON_ITERS,
-                    SCAN=item.scan,
-                    num_warps=self.num_warps,
-                )
                 _prox_kernel[(item.n_tiles,)](*args, EXACT=False, **meta)
                 _prox_kernel[(triton.cdiv(item.n_tiles, item.scan),)](*args, EXACT=True, **meta)
 
