@@ -179,9 +179,9 @@ def _median_ms(fn, warmup: int, reps: int) -> float:
     return statistics.median(samples)
 
 
-def prefill(model, length: int, label: str, graphs: bool, warmup: int = 2, mark_step: bool = False) -> dict:
-    """Prefill latency; ``mark_step``: tell Inductor's CUDA-graph trees that each call is a new step (needed when the
-    compiled regions are the decoder layers, not the whole model)."""
+def prefill_call(model, length: int, mark_step: bool = False):
+    """One prefill of ``length`` random tokens, as a callable; ``mark_step``: tell Inductor's CUDA-graph trees that
+    each call is a new step (needed when the compiled regions are the decoder layers, not the whole model)."""
     ids = torch.randint(0, 32000, (1, length), device="cuda")
 
     def run():
@@ -189,6 +189,12 @@ def prefill(model, length: int, label: str, graphs: bool, warmup: int = 2, mark_
             torch.compiler.cudagraph_mark_step_begin()
         return model(input_ids=ids, use_cache=False, logits_to_keep=1)
 
+    return run
+
+
+def prefill(model, length: int, label: str, graphs: bool, warmup: int = 2, mark_step: bool = False) -> dict:
+    """Prefill latency of :func:`prefill_call`, eager and (``graphs``) as a CUDA-graph replay."""
+    run = prefill_call(model, length, mark_step)
     out = {"level": "model", "what": "prefill", "tokens": length, "model": label}
     with torch.no_grad():
         torch.cuda.reset_peak_memory_stats()
@@ -389,15 +395,9 @@ def compiled_prefill(
                             mark_step=mode == "reduce-overhead",
                         )
                         if profile:
-                            ids = torch.randint(0, 32000, (1, length), device="cuda")
-
-                            def step(ids=ids, model=model):
-                                if mode == "reduce-overhead":
-                                    torch.compiler.cudagraph_mark_step_begin()
-                                with torch.no_grad():
-                                    model(input_ids=ids, use_cache=False, logits_to_keep=1)
-
-                            row["kernels"] = kernel_breakdown(step)
+                            with torch.no_grad():
+                                call = prefill_call(model, length, mark_step=mode == "reduce-overhead")
+                                row["kernels"] = kernel_breakdown(call)
                     except Exception as exc:  # noqa: BLE001 - report why this configuration did not run
                         row = {"level": "model", "what": "prefill", "tokens": length, "error": str(exc)[:300]}
                 row.update(

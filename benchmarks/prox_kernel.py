@@ -26,8 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from proxsparse_hf.prox import Prox2to4Batch, prox_2to4_
+from proxsparse_hf.prox import DEFAULT_MAX_ITER, DEFAULT_TOL, Prox2to4Batch, prox_2to4_
 
+# the library's solver defaults (what ProxSparseConfig uses), for the kernel calls timed here
+SOLVER = {"max_iter": DEFAULT_MAX_ITER, "tol": DEFAULT_TOL}
 HIDDEN, INTERMEDIATE, HEADS = 4096, 11008, 32
 # (out_features, in_features) of q, k, v, o, gate, up, down
 LAYER_SHAPES = [(HIDDEN, HIDDEN)] * 4 + [(INTERMEDIATE, HIDDEN)] * 2 + [(HIDDEN, INTERMEDIATE)]
@@ -270,7 +272,7 @@ def sweep_launch(pristine, work, lam, warmup, reps, device, n_bytes) -> tuple[li
         plan = TritonProxPlan(work, launch=launch)
 
         def run_layer(lam, plan=plan):
-            plan.run(lam, max_iter=100, tol=1e-6)
+            plan.run(lam, **SOLVER)
 
         row = {"sweep": launch}
         for mode, bench in (("eager", bench_backend), ("graph", bench_graph)):
@@ -284,8 +286,8 @@ def sweep_launch(pristine, work, lam, warmup, reps, device, n_bytes) -> tuple[li
 
 
 def objective_agreement(backends, weight: torch.Tensor, lam: float) -> dict:
-    """``backends``: name -> ``fn(weight, lam)`` solving one matrix in place."""
-    """Per-group objective of every backend on one matrix, relative to the eager published algorithm."""
+    """Per-group objective of every backend on one matrix, relative to the eager published algorithm; ``backends``:
+    name -> ``fn(weight, lam)`` solving one matrix in place."""
     v = weight.double().reshape(-1, 4)
 
     def objective(w: torch.Tensor) -> torch.Tensor:
@@ -375,15 +377,15 @@ def main(argv=None) -> int:
         from proxsparse_hf.kernels.triton_prox import TritonProxPlan, prox_2to4_triton_
 
         def triton_fn(w, lam, scale=None):
-            return prox_2to4_triton_(w, lam, max_iter=100, tol=1e-6, column_scale=scale, launch=best)
+            return prox_2to4_triton_(w, lam, **SOLVER, column_scale=scale, launch=best)
 
         plain_plan = TritonProxPlan(work, launch=best)
         scaled_plan = TritonProxPlan(work, [scale_of[id(w)] for w in work], launch=best)
         matrix_fns["triton"] = triton_fn
         # what MaskLearner runs: one plan (two launches) for all the layer's matrices
-        layer_fns["triton"] = lambda lam: plain_plan.run(lam, max_iter=100, tol=1e-6)
+        layer_fns["triton"] = lambda lam: plain_plan.run(lam, **SOLVER)
         layer_fns["triton_per_matrix_launch"] = per_matrix(triton_fn)
-        layer_fns["triton_activation_fused"] = lambda lam: scaled_plan.run(lam, max_iter=100, tol=1e-6)
+        layer_fns["triton_activation_fused"] = lambda lam: scaled_plan.run(lam, **SOLVER)
         layer_fns["triton_activation_unfused"] = per_matrix(lambda w, lam: unfused_scaled(w, lam, triton_fn))
     matrix_fns["torch"] = lambda w, lam: prox_2to4_(w, lam, backend="torch", chunk_groups=1 << 22)
     matrix_fns["eager_published"] = lambda w, lam: published_prox_(w, lam)
