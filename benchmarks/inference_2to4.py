@@ -16,8 +16,10 @@ import argparse
 import contextlib
 import json
 import math
+import shutil
 import signal
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -192,13 +194,59 @@ def prefill_call(model, length: int, mark_step: bool = False):
     return run
 
 
+def parse_gpu_samples(text: str) -> dict:
+    """Medians of ``nvidia-smi --query-gpu=clocks.sm,power.draw --format=csv,noheader,nounits`` lines (unreadable
+    lines skipped): ``{"sm_clock_mhz", "power_w", "samples"}``, or ``{}`` without a readable line."""
+    clocks, power = [], []
+    for line in text.splitlines():
+        fields = [f.strip() for f in line.split(",")]
+        try:
+            clock, watts = float(fields[0]), float(fields[1])
+        except (ValueError, IndexError):
+            continue
+        clocks.append(clock)
+        power.append(watts)
+    if not clocks:
+        return {}
+    return {"sm_clock_mhz": statistics.median(clocks), "power_w": statistics.median(power), "samples": len(clocks)}
+
+
+@contextlib.contextmanager
+def gpu_clocks(interval_ms: int = 20):
+    """SM clock and board power sampled by ``nvidia-smi`` while the block runs (the H200 here runs at its 700 W cap
+    during a prefill and lowers its clock, more for 2:4 GEMMs than for dense ones); fills the yielded dict with
+    :func:`parse_gpu_samples` on exit, leaves it empty without ``nvidia-smi``."""
+    result: dict = {}
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        yield result
+        return
+    index = torch.cuda.current_device()
+    query = [exe, f"--id={index}", "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits"]
+    proc = subprocess.Popen(
+        [*query, f"-lms={interval_ms}"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
+    proc.stdout.readline()  # sampling has started (this sample predates the block)
+    try:
+        yield result
+    finally:
+        proc.terminate()
+        result.update(parse_gpu_samples(proc.communicate()[0]))
+
+
 def prefill(model, length: int, label: str, graphs: bool, warmup: int = 2, mark_step: bool = False) -> dict:
-    """Prefill latency of :func:`prefill_call`, eager and (``graphs``) as a CUDA-graph replay."""
+    """Prefill latency of :func:`prefill_call`, eager and (``graphs``) as a CUDA-graph replay; with the median SM
+    clock and power during the eager timing (:func:`gpu_clocks`)."""
     run = prefill_call(model, length, mark_step)
     out = {"level": "model", "what": "prefill", "tokens": length, "model": label}
     with torch.no_grad():
         torch.cuda.reset_peak_memory_stats()
-        out["eager_ms"] = round(_median_ms(run, warmup, 5), 3)
+        for _ in range(warmup):  # warm-up (and compilation) outside the clock sampling
+            run()
+        with gpu_clocks() as clocks:
+            out["eager_ms"] = round(_median_ms(run, 0, 10), 3)
+        if clocks:
+            out["gpu_during_eager"] = clocks
         out["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         if graphs:
             try:

@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kernels.cusparselt_op import cslt_linear
 from .masks import fraction_2to4_groups, is_2to4
 from .targets import find_targets
 
@@ -77,7 +78,6 @@ NEVER = 1 << 62  # min_tokens meaning "always dense"
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 # minimum divisibility of (out_features, in_features) per backend (torch's semi-structured constraints, 16-bit types)
 _SHAPE_MULTIPLE = {"cusparselt": (16, 16), "torchao": (16, 16), "cutlass": (32, 64)}
-_PAD_ROWS = 8  # dense operand rows must be a multiple of 8 for 16-bit types
 _CACHE_VERSION = 1
 
 
@@ -162,14 +162,6 @@ class _Kernel:
         raise NotImplementedError
 
 
-def _pad_rows(x2d: torch.Tensor) -> tuple[torch.Tensor, int]:
-    rows = x2d.shape[0]
-    pad = (-rows) % _PAD_ROWS
-    if pad:
-        x2d = F.pad(x2d, (0, 0, 0, pad))
-    return x2d, rows
-
-
 class _CusparseltKernel(_Kernel):
     name = "cusparselt"
 
@@ -180,10 +172,9 @@ class _CusparseltKernel(_Kernel):
         self.alg_id = int(alg_id)
 
     def mm(self, x2d: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        x2d, rows = _pad_rows(x2d.contiguous())
-        # (W @ X^T)^T: X^T is a column-major view of X (no copy); transpose_result writes [M, out] row-major directly
-        out = torch._cslt_sparse_mm(self.packed, x2d.t(), bias, transpose_result=True, alg_id=self.alg_id)
-        return out[:rows] if out.shape[0] != rows else out
+        if torch.compiler.is_compiling():  # one opaque operator, so Inductor shares the input between projections
+            return torch.ops.proxsparse_hf.cslt_linear(x2d, self.packed, bias, self.out_features, self.alg_id)
+        return cslt_linear(x2d, self.packed, bias, self.out_features, self.alg_id)
 
     def decompress(self) -> torch.Tensor:
         # W @ I is exact: each output sums one kept weight times 1.0 and zeros, in fp32, then rounds to the same value

@@ -33,3 +33,21 @@ def _load(name: str):
 )
 def test_profiled_kernels_are_classified_by_the_work_they_do(name, expected):
     assert _load("inference_2to4").kernel_class(name) == expected
+
+
+def test_parse_gpu_samples_takes_medians_and_skips_unreadable_lines():
+    parse = _load("inference_2to4").parse_gpu_samples
+    text = "1980, 450.1\n1500, 699.0\n[N/A], 12\n1605, 690.5\n\n"
+    assert parse(text) == {"sm_clock_mhz": 1605.0, "power_w": 690.5, "samples": 3}
+    assert parse("") == {} and parse("[N/A], [N/A]") == {}
+
+
+def test_cusparselt_algs_refuses_cleanly_without_sparse_kernels(tmp_path, capsys):
+    import torch
+
+    module = _load("cusparselt_algs")
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA machine runs the sweep itself")
+    out = tmp_path / "algs.json"
+    assert module.main(["--out", str(out)]) == 1
+    assert "skipped" in capsys.readouterr().out and not out.exists()

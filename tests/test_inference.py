@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 
 import pytest
 import torch
@@ -222,3 +223,54 @@ def test_dispatch_cache_round_trip(tmp_path, monkeypatch):
     cache.file.write_text("{not json")
     assert _DispatchCache(tmp_path, torch.device("cpu")).get(key) is None
     assert _DispatchCache(None, torch.device("cpu")).path == tmp_path / "default"
+
+
+# --- the cuSPARSELt operator seen by torch.compile -------------------------------------------------------------------
+def test_cslt_operator_is_registered_flexible_with_a_shape_only_fake():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from proxsparse_hf.kernels.cusparselt_op import OP_NAME
+
+    op = torch.ops.proxsparse_hf.cslt_linear.default
+    assert OP_NAME == "proxsparse_hf::cslt_linear"
+    assert torch.Tag.flexible_layout in op.tags
+    with FakeTensorMode():
+        x = torch.empty(37, 64, dtype=torch.bfloat16)
+        out = torch.ops.proxsparse_hf.cslt_linear(x, torch.empty(100, dtype=torch.bfloat16), None, 48, 17)
+    assert out.shape == (37, 48) and out.dtype == torch.bfloat16
+
+
+@pytest.mark.skipif(
+    shutil.which("g++") is None and shutil.which("cc") is None, reason="Inductor on CPU needs a C++ compiler"
+)
+def test_compiled_projections_read_one_copy_of_the_normed_input():
+    """Inductor hands q/k/v one realised buffer of an RMSNorm's output (an aten ``_cslt_sparse_mm`` fallback got one
+    copy per projection). A test-local CPU stand-in for the operator (``packed`` = the dense weight) lets Inductor
+    compile the pattern on CPU."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    lib = torch.library.Library("proxsparse_hf", "IMPL")
+    lib.impl("cslt_linear", lambda x2d, packed, bias, out_features, alg_id: x2d @ packed.t(), "CPU")
+    try:
+        torch.manual_seed(0)
+        weights = [torch.randn(48, 64) for _ in range(3)]
+        gain = torch.rand(64) + 0.5
+
+        def block(h: torch.Tensor) -> torch.Tensor:
+            x = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * gain
+            x2d = x.reshape(-1, 64)
+            q, k, v = (torch.ops.proxsparse_hf.cslt_linear(x2d, w, None, 48, 0) for w in weights)
+            return q + k * v
+
+        h = torch.randn(2, 16, 64)
+        torch._dynamo.reset()
+        out, codes = run_and_get_code(torch.compile(block, fullgraph=True), h)
+        torch.testing.assert_close(out, block(h))
+        calls = re.findall(r"torch\.ops\.proxsparse_hf\.cslt_linear\.default\((\w+\(buf\d+|buf\d+)", "\n".join(codes))
+        assert len(calls) == 3
+        assert len(set(calls)) == 1, calls  # all three projections read the same buffer
+    finally:
+        lib._destroy()
+        torch._dynamo.reset()

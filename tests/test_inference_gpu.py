@@ -161,3 +161,33 @@ def test_blocked_fp16_stays_dense(tmp_path, caplog):
         assert all(not isinstance(m, SparseLinear2to4) for m in model.modules())
         assert torch.equal(model(ids).logits, ref)
     assert "float16 kernels of cuSPARSELt" in caplog.text
+
+
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_compiled_model_matches_eager_and_projections_share_their_input(mode, tmp_path):
+    """``torch.compile`` of a converted model: the sparse matmuls run as ``proxsparse_hf::cslt_linear``, give the
+    eager logits, and q/k/v (gate/up) read one buffer of the normed hidden states, not one copy each."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    model = _pruned(torch.bfloat16, hidden=256)
+    ids = torch.randint(0, 256, (1, 64), device="cuda")
+    with torch.no_grad():
+        ref = model(ids).logits
+        to_sparse_kernels(model, min_tokens=None, cache_dir=tmp_path)
+        eager = model(ids).logits
+        torch._dynamo.reset()
+        compiled = torch.compile(model, mode=mode)
+        torch.compiler.cudagraph_mark_step_begin()
+        out, codes = run_and_get_code(compiled, ids)
+        first = out.logits.clone()  # CUDA-graph outputs are overwritten by the next run
+        torch.compiler.cudagraph_mark_step_begin()
+        again = compiled(ids).logits.clone()  # a replay under reduce-overhead
+    torch._dynamo.reset()
+    assert _rel(eager, ref) < 2e-2
+    assert _rel(first, eager) < 1e-2 and _rel(again, eager) < 1e-2
+    calls = re.findall(r"torch\.ops\.proxsparse_hf\.cslt_linear\.default\((\w+\(buf\d+|buf\d+)", "\n".join(codes))
+    assert len(calls) == 14  # 2 layers x q, k, v, o, gate, up, down
+    for layer in (calls[:7], calls[7:]):
+        assert len(set(layer[:3])) == 1 and len(set(layer[4:6])) == 1, calls
