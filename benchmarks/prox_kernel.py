@@ -239,25 +239,25 @@ def bench_training_step(args, device, dtype, label: str = "magnitude") -> dict:
     }
 
 
-# (block_rows, block_cols, num_warps, check, programs_per_sm): 1 to 8 groups per thread; one warp reduces without
-# barriers; programs_per_sm > 0: the persistent fast pass (programs walk the tiles, the next tile's loads in flight)
+# (block_rows, block_cols, num_warps, check): 1 to 8 groups per thread; one warp reduces without barriers
 SWEEP = [
-    (4, 32, 2, 4, 0),
-    (8, 16, 1, 4, 0),
-    (2, 32, 1, 4, 0),
-    (8, 32, 2, 4, 0),
-    (4, 32, 2, 4, 8),
-    (4, 32, 2, 4, 14),
-    (2, 32, 1, 4, 32),
-    (4, 32, 1, 4, 8),
-    (4, 32, 1, 4, 16),
-    (8, 16, 1, 4, 8),
-    (8, 16, 1, 4, 16),
-    (8, 32, 1, 4, 4),
-    (8, 32, 1, 4, 8),
-    (8, 32, 2, 4, 4),
-    (8, 32, 2, 4, 8),
-    (16, 16, 2, 4, 6),
+    (2, 32, 1, 4),
+    (4, 16, 1, 4),
+    (8, 16, 1, 4),
+    (4, 32, 2, 4),
+    (8, 16, 2, 4),
+    (8, 16, 4, 4),
+    (16, 16, 4, 4),
+    (16, 16, 8, 4),
+    (32, 16, 8, 4),
+    (8, 32, 4, 4),
+    (32, 16, 4, 4),
+    (64, 16, 4, 4),
+    (64, 16, 8, 4),
+    (32, 32, 4, 4),
+    (128, 16, 8, 4),
+    (32, 16, 4, 2),
+    (32, 16, 4, 8),
 ]
 
 
@@ -267,14 +267,8 @@ def sweep_launch(pristine, work, lam, warmup, reps, device, n_bytes) -> tuple[li
     from proxsparse_hf.kernels.triton_prox import TritonProxPlan
 
     rows = []
-    for block_rows, block_cols, warps, check, programs_per_sm in SWEEP:
-        launch = {
-            "block_rows": block_rows,
-            "block_cols": block_cols,
-            "num_warps": warps,
-            "check": check,
-            "programs_per_sm": programs_per_sm,
-        }
+    for block_rows, block_cols, warps, check in SWEEP:
+        launch = {"block_rows": block_rows, "block_cols": block_cols, "num_warps": warps, "check": check}
         plan = TritonProxPlan(work, launch=launch)
 
         def run_layer(lam, plan=plan):

@@ -352,27 +352,3 @@ def test_mask_learner_prox_step_on_cuda_matches_the_cpu_path(family):
     for target in learners[0].targets.values():
         name = target.param_name
         torch.testing.assert_close(gpu_params[name].detach().cpu(), cpu_params[name].detach(), rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize("programs_per_sm", [1, 4])
-def test_persistent_fast_pass_equals_one_program_per_tile(programs_per_sm):
-    """The persistent fast pass (few programs walking the tiles, next tile's loads in flight) solves every tile the
-    way one program per tile does: same results bit for bit, over mixed dtypes, layouts, scales and multipliers."""
-    from proxsparse_hf.kernels import TritonProxPlan
-
-    gen = torch.Generator(device="cuda").manual_seed(programs_per_sm)
-    weights, scales, mults = _mixed_weights(gen, 37)
-    weights = [w.view(-1, w.shape[-1]) if w.dim() == 3 else w for w in weights]  # a plan takes 2-D weights
-    weights.append(torch.randn(4096, 1024, device="cuda", generator=gen).to(torch.bfloat16) * 0.02)  # many tiles
-    scales.append(None)
-    mults.append(1.0)
-    results = {}
-    for persist in (0, programs_per_sm):
-        work = [w.clone() for w in weights]
-        launch = {"block_rows": 8, "block_cols": 16, "num_warps": 1, "programs_per_sm": persist}
-        TritonProxPlan(work, scales, mults, launch=launch).run(0.75, max_iter=100, tol=1e-6)
-        results[persist] = work
-    for got, want in zip(results[programs_per_sm], results[0]):
-        assert torch.equal(got, want)
-    with pytest.raises(ValueError, match="programs_per_sm"):
-        TritonProxPlan(weights[:1], launch={"programs_per_sm": -1})

@@ -49,8 +49,6 @@ BLOCK_ROWS = 4
 BLOCK_COLS = 32
 NUM_WARPS = 2
 CHECK_EVERY = 4
-# fast pass: 0 = one program per tile; n > 0 = n programs per SM, each walking tiles with the next tile's loads in flight
-PROGRAMS_PER_SM = 0
 # int64 columns of the weight table: pointer, scale pointer, first tile, rows, groups per row, row stride, column
 # stride, λ multiplier (float32 bits)
 TABLE_COLUMNS: tl.constexpr = tl.constexpr(8)
@@ -304,20 +302,28 @@ def _exact(a0, a1, a2, a3, lam, tol, max_iter, CHECK: tl.constexpr, BISECT: tl.c
 
 
 @triton.jit
-def _locate(
+def _solve_tile(
     tile,
     table,
     owners,
+    flags,
     lam,
+    tol,
+    max_iter,
     DTYPE: tl.constexpr,
+    EXACT: tl.constexpr,
+    SCALED: tl.constexpr,
     UNIT_COL: tl.constexpr,
     WIDE: tl.constexpr,
     ONE: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    CHECK: tl.constexpr,
+    BISECT: tl.constexpr,
+    NEWTON: tl.constexpr,
 ):
-    """Where tile ``tile`` of the plan lies: its weight's pointer, scale pointer and λ, its first row and group, and
-    the weight's rows, groups per row and strides."""
+    """Solve tile ``tile`` of the plan in place. Fast (``EXACT`` false): writes its result when every group is
+    certified, else writes nothing and raises the tile's flag. Exact: solves every group and writes."""
     if ONE:  # a one-weight plan has no owner list
         entry = table
     else:
@@ -326,7 +332,6 @@ def _locate(
         ptr = tl.multiple_of(tl.load(entry).to(tl.pointer_type(DTYPE)), 16)
     else:
         ptr = tl.load(entry).to(tl.pointer_type(DTYPE))
-    scale_ptr = tl.load(entry + 1).to(tl.pointer_type(tl.float32))
     local = tile - tl.load(entry + 2).to(tl.int32)
     t_lam = lam * tl.load(entry + 7).to(tl.int32).to(tl.float32, bitcast=True)  # lam x the weight's multiplier
     if WIDE:
@@ -342,82 +347,21 @@ def _locate(
     col_tiles = (gpr + BLOCK_C - 1) // BLOCK_C
     tile_row = local // col_tiles
     tile_col = local - tile_row * col_tiles
-    return ptr, scale_ptr, t_lam, tile_row * BLOCK_R, tile_col * BLOCK_C, rows, gpr, stride_row, stride_col
-
-
-@triton.jit
-def _offsets(
-    row0, grp0, rows, gpr, stride_row, stride_col, UNIT_COL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr
-):
-    """Element offsets of the ``BLOCK_R x BLOCK_C x 4`` block from row ``row0``, group ``grp0``; its columns; whether
-    each group and each column lies inside the weight."""
-    row = row0 + tl.arange(0, BLOCK_R)
-    grp = grp0 + tl.arange(0, BLOCK_C)
+    row = tile_row * BLOCK_R + tl.arange(0, BLOCK_R)
+    grp = tile_col * BLOCK_C + tl.arange(0, BLOCK_C)
     in_range = (row[:, None] < rows) & (grp[None, :] < gpr)  # [rows, groups] of the tile
-    col = (grp * 4)[None, :, None] + tl.arange(0, 4)[None, None, :]  # the tile's columns, [1, groups, 4]
+    j = tl.arange(0, 4)[None, None, :]
+    col = (grp * 4)[None, :, None] + j  # the tile's columns, [1, groups, 4]
     if UNIT_COL:  # contiguous groups: one vector load per group (row strides are multiples of 4, see the plan)
         offs = tl.multiple_of(row * stride_row, 4)[:, None, None] + col
     else:
         offs = row[:, None, None] * stride_row + col * stride_col
-    return offs, in_range, col, (grp < gpr)[None, :, None]
-
-
-@triton.jit
-def _load_tile(
-    ptr,
-    scale_ptr,
-    row0,
-    grp0,
-    rows,
-    gpr,
-    stride_row,
-    stride_col,
-    SCALED: tl.constexpr,
-    UNIT_COL: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
-    """The tile's weights as stored and, when ``SCALED``, its column scales (1 outside the weight)."""
-    offs, in_range, col, col_ok = _offsets(row0, grp0, rows, gpr, stride_row, stride_col, UNIT_COL, BLOCK_R, BLOCK_C)
     mask = tl.broadcast_to(in_range[:, :, None], (BLOCK_R, BLOCK_C, 4))
     raw = tl.load(ptr + offs, mask=mask, other=0.0)
-    if SCALED:
-        s = tl.load(scale_ptr + col, mask=col_ok, other=1.0)  # once per column, not per row
-    else:
-        s = col_ok.to(tl.float32)  # unused placeholder
-    return raw, s
-
-
-@triton.jit
-def _solve_store(
-    tile,
-    flags,
-    ptr,
-    row0,
-    grp0,
-    rows,
-    gpr,
-    stride_row,
-    stride_col,
-    raw,
-    s,
-    t_lam,
-    tol,
-    max_iter,
-    EXACT: tl.constexpr,
-    SCALED: tl.constexpr,
-    UNIT_COL: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    CHECK: tl.constexpr,
-    BISECT: tl.constexpr,
-    NEWTON: tl.constexpr,
-):
-    """Solve a loaded tile and write it in place. Fast (``EXACT`` false): writes its result when every group is
-    certified, else writes nothing and raises the tile's flag. Exact: solves every group and writes."""
-    offs, in_range, _col, _ok = _offsets(row0, grp0, rows, gpr, stride_row, stride_col, UNIT_COL, BLOCK_R, BLOCK_C)
     v = raw.to(tl.float32)
     if SCALED:  # prox in the coordinates W * s (s per column), result times 1 / s on the way out
+        scale_ptr = tl.load(entry + 1).to(tl.pointer_type(tl.float32))
+        s = tl.load(scale_ptr + col, mask=(grp < gpr)[None, :, None], other=1.0)  # once per column, not per row
         v = v * s
     evens, odds = tl.split(tl.reshape(v, (BLOCK_R, BLOCK_C, 2, 2)))
     v0, v2 = tl.split(evens)
@@ -461,7 +405,6 @@ def _solve_store(
         out = (out.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
         if SCALED:
             out = out * (1.0 / s)
-        mask = tl.broadcast_to(in_range[:, :, None], (BLOCK_R, BLOCK_C, 4))
         tl.store(ptr + offs, out.to(raw.dtype), mask=mask)
 
 
@@ -486,14 +429,11 @@ def _prox_kernel(
     BISECT: tl.constexpr,
     NEWTON: tl.constexpr,
     SCAN: tl.constexpr,
-    PERSIST: tl.constexpr,
 ):
-    """Pass 1 (``EXACT`` false): one program per tile, or (``PERSIST``) fewer programs each walking the tiles
-    ``pid, pid + programs, ...`` with the next tile's loads issued before the current tile is solved. Pass 2: each
-    program reads SCAN flags at once and solves the flagged tiles among them exactly, one after the other, then
-    clears their flags (left zeroed for the plan's next run); with no flag raised a program is one vector load and a
-    sum. The two passes compile separately (``EXACT`` is a constant), so the fast pass keeps its small register
-    count."""
+    """Pass 1 (``EXACT`` false): one program per tile. Pass 2: each program reads SCAN flags at once and solves the
+    flagged tiles among them exactly, one after the other, then clears their flags (left zeroed for the plan's next
+    run); with no flag raised a program is one vector load and a sum. The two passes compile separately (``EXACT`` is a
+    constant), so the fast pass keeps its small register count."""
     if EXACT:
         idx = tl.program_id(0) * SCAN + tl.arange(0, SCAN)
         flagged = tl.load(flags + idx, mask=idx < n_tiles, other=0).to(tl.int32)
@@ -504,43 +444,16 @@ def _prox_kernel(
             while k < count:
                 k += 1
                 tile = tl.sum(tl.where((flagged > 0) & (rank == k), idx, 0), axis=0)
-                ptr, sp, t_lam, r0, g0, rows, gpr, sr, sc = _locate(
-                    tile, table, owners, lam, DTYPE, UNIT_COL, WIDE, ONE, BLOCK_R, BLOCK_C
-                )
-                raw, s = _load_tile(ptr, sp, r0, g0, rows, gpr, sr, sc, SCALED, UNIT_COL, BLOCK_R, BLOCK_C)
-                _solve_store(
-                    tile, flags, ptr, r0, g0, rows, gpr, sr, sc, raw, s, t_lam, tol, max_iter,
-                    True, SCALED, UNIT_COL, BLOCK_R, BLOCK_C, CHECK, BISECT, NEWTON,
+                _solve_tile(
+                    tile, table, owners, flags, lam, tol, max_iter,
+                    DTYPE, True, SCALED, UNIT_COL, WIDE, ONE, BLOCK_R, BLOCK_C, CHECK, BISECT, NEWTON,
                 )  # fmt: skip
             tl.store(flags + idx, tl.zeros_like(flagged).to(tl.uint8), mask=flagged > 0)
     else:
-        tile = tl.program_id(0)
-        ptr, sp, t_lam, r0, g0, rows, gpr, sr, sc = _locate(
-            tile, table, owners, lam, DTYPE, UNIT_COL, WIDE, ONE, BLOCK_R, BLOCK_C
-        )
-        raw, s = _load_tile(ptr, sp, r0, g0, rows, gpr, sr, sc, SCALED, UNIT_COL, BLOCK_R, BLOCK_C)
-        if PERSIST:
-            step = tl.num_programs(0)
-            while tile < n_tiles:
-                nxt = tile + step
-                n_ptr, n_sp, n_lam, n_r0, n_g0, n_rows, n_gpr, n_sr, n_sc = _locate(
-                    tl.minimum(nxt, n_tiles - 1), table, owners, lam, DTYPE, UNIT_COL, WIDE, ONE, BLOCK_R, BLOCK_C
-                )
-                n_raw, n_s = _load_tile(
-                    n_ptr, n_sp, n_r0, n_g0, n_rows, n_gpr, n_sr, n_sc, SCALED, UNIT_COL, BLOCK_R, BLOCK_C
-                )
-                _solve_store(
-                    tile, flags, ptr, r0, g0, rows, gpr, sr, sc, raw, s, t_lam, tol, max_iter,
-                    False, SCALED, UNIT_COL, BLOCK_R, BLOCK_C, CHECK, BISECT, NEWTON,
-                )  # fmt: skip
-                tile = nxt
-                ptr, t_lam, r0, g0, rows, gpr, sr, sc = n_ptr, n_lam, n_r0, n_g0, n_rows, n_gpr, n_sr, n_sc
-                raw, s = n_raw, n_s
-        else:
-            _solve_store(
-                tile, flags, ptr, r0, g0, rows, gpr, sr, sc, raw, s, t_lam, tol, max_iter,
-                False, SCALED, UNIT_COL, BLOCK_R, BLOCK_C, CHECK, BISECT, NEWTON,
-            )  # fmt: skip
+        _solve_tile(
+            tl.program_id(0), table, owners, flags, lam, tol, max_iter,
+            DTYPE, False, SCALED, UNIT_COL, WIDE, ONE, BLOCK_R, BLOCK_C, CHECK, BISECT, NEWTON,
+        )  # fmt: skip
 
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -578,8 +491,9 @@ class _Launch:
         # a one-weight plan passes the table as the (never read) owner list
         self.owners = buffer[table_bytes:].view(torch.int32) if not self.one else self.table.view(torch.int32)
         self.flags = torch.zeros(self.n_tiles, dtype=torch.uint8, device=device)
-        self.sms = torch.cuda.get_device_properties(device).multi_processor_count
-        per_program = self.n_tiles // (SCAN_PROGRAMS_PER_SM * self.sms)
+        per_program = self.n_tiles // (
+            SCAN_PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+        )
         self.scan = min(SCAN_MAX, max(SCAN_MIN, 1 << max(per_program, 1).bit_length() - 1))
 
 
@@ -611,14 +525,10 @@ class TritonProxPlan:
         self.block_c = int(launch.pop("block_cols", BLOCK_COLS))
         self.num_warps = int(launch.pop("num_warps", NUM_WARPS))
         self.check = int(launch.pop("check", CHECK_EVERY))
-        self.programs_per_sm = int(launch.pop("programs_per_sm", PROGRAMS_PER_SM))
         if launch:
             raise ValueError(
-                f"unknown launch settings {sorted(launch)}; allowed: block_rows, block_cols, num_warps, check, "
-                "programs_per_sm."
+                f"unknown launch settings {sorted(launch)}; allowed: block_rows, block_cols, num_warps, check."
             )
-        if self.programs_per_sm < 0:
-            raise ValueError(f"`programs_per_sm`={self.programs_per_sm} must be >= 0 (0: one program per tile).")
         for name, value in (("block_rows", self.block_r), ("block_cols", self.block_c)):
             if value < 1 or value & (value - 1):
                 raise ValueError(f"`{name}`={value} must be a power of two.")
@@ -642,8 +552,7 @@ class TritonProxPlan:
             entry = classes.setdefault((weight.dtype, scale is not None, unit_col, wide), ([], []))
             entry[0].append((weight, scale))
             entry[1].append(mult)
-        # each launch with its kernel constants and fast-pass grid, fixed for the plan
-        self._launches: list[tuple[_Launch, dict, int]] = []
+        self._launches: list[tuple[_Launch, dict]] = []  # each with its kernel constants, fixed for the plan
         if self.device is not None and classes:
             with torch.cuda.device(self.device):
                 for (dtype, scaled, unit_col, wide), (entries, ms) in classes.items():
@@ -660,22 +569,18 @@ class TritonProxPlan:
                         BISECT=BISECT_ITERS,
                         NEWTON=NEWTON_ITERS,
                         SCAN=item.scan,
-                        PERSIST=self.programs_per_sm > 0,
                         num_warps=self.num_warps,
                     )
-                    fast_grid = item.n_tiles
-                    if self.programs_per_sm:
-                        fast_grid = min(fast_grid, self.programs_per_sm * item.sms)
-                    self._launches.append((item, meta, fast_grid))
+                    self._launches.append((item, meta))
 
     def run(self, lam: float, *, max_iter: int, tol: float) -> None:
         """Replace every weight of the plan by its prox with strength ``lam * multiplier`` (in place)."""
         if lam == 0 or not self._launches:
             return
         with torch.cuda.device(self.device):
-            for item, meta, fast_grid in self._launches:
+            for item, meta in self._launches:
                 args = (item.table, item.owners, item.flags, item.n_tiles, float(lam), float(tol), int(max_iter))
-                _prox_kernel[(fast_grid,)](*args, EXACT=False, **meta)
+                _prox_kernel[(item.n_tiles,)](*args, EXACT=False, **meta)
                 _prox_kernel[(triton.cdiv(item.n_tiles, item.scan),)](*args, EXACT=True, **meta)
 
 
