@@ -86,7 +86,7 @@ def gemm_level(dtypes: list[torch.dtype], cache_dir: str, models: list[str]) -> 
                     )[0][0][0]
                 key = _DispatchCache.key("cusparselt", dtype, n, k, "cuda_graph")
                 entry = _DispatchCache(cache_dir, w.device).get(key)
-                kernels = {"cusparselt": _build_kernel("cusparselt", w, entry.alg_id)}
+                kernels = {"cusparselt": _build_kernel("cusparselt", w, entry.algorithms())}
                 kernels["cusparselt_alg0"] = _build_kernel("cusparselt", w, 0)
                 for b in backends[1:]:
                     kernels[b] = _build_kernel(b, w)
@@ -130,7 +130,7 @@ def gemm_level(dtypes: list[torch.dtype], cache_dir: str, models: list[str]) -> 
                                 "ms": round(ms, 5),
                                 "speedup": round(dense / ms, 3),
                                 "min_tokens": layer.min_tokens if isinstance(layer, SparseLinear2to4) else None,
-                                "alg_id": entry.alg_id,
+                                "alg_id": kernels["cusparselt"].alg_for(m),
                             }
                         )
                 del kernels, x_all, disp

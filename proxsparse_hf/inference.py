@@ -10,9 +10,10 @@ runs the compressed 2:4 weight on the sparse tensor cores of Ampere and newer GP
 Backends:
 
 * ``"cusparselt"`` — ``torch._cslt_sparse_mm`` on a ``torch._cslt_compress``-ed weight, computing ``(W @ X^T)^T`` with
-  the transpose fused into the kernel's output layout and a cuSPARSELt algorithm chosen per shape by timing (the
-  default algorithm is slower than dense cuBLAS on Hopper; the best one is 1.3-1.66x faster at 2k-8k tokens under CUDA
-  graphs).
+  the transpose fused into the kernel's output layout and a cuSPARSELt algorithm chosen per shape and token count by
+  timing (the default algorithm is slower than dense cuBLAS on Hopper; the best one is 1.3-1.66x faster at 2k-8k tokens
+  under CUDA graphs). Under ``torch.compile`` the matmul is the registered operator
+  ``torch.ops.proxsparse_hf.cslt_linear`` (:mod:`proxsparse_hf.kernels.cusparselt_op`).
 * ``"cutlass"`` — torch's CUTLASS semi-structured kernels (``SparseSemiStructuredTensor._FORCE_CUTLASS``), compute
   capability 8.x only.
 * ``"torchao"`` — torchao's ``SemiSparseWeightConfig`` (optional extra ``proxsparse-hf[torchao]``).
@@ -38,7 +39,7 @@ import math
 import os
 import re
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,7 +79,7 @@ NEVER = 1 << 62  # min_tokens meaning "always dense"
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 # minimum divisibility of (out_features, in_features) per backend (torch's semi-structured constraints, 16-bit types)
 _SHAPE_MULTIPLE = {"cusparselt": (16, 16), "torchao": (16, 16), "cutlass": (32, 64)}
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: a cuSPARSELt algorithm per bucket
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -165,16 +166,34 @@ class _Kernel:
 class _CusparseltKernel(_Kernel):
     name = "cusparselt"
 
-    def __init__(self, weight: torch.Tensor, alg_id: int = 0):
+    def __init__(self, weight: torch.Tensor, alg_id: int | Mapping[int, int] = 0):
         self.out_features, self.in_features = weight.shape
         self.dtype = weight.dtype
         self.packed = torch._cslt_compress(weight.contiguous())
-        self.alg_id = int(alg_id)
+        self.set_alg(alg_id)
+
+    def set_alg(self, alg_id: int | Mapping[int, int]) -> None:
+        """One cuSPARSELt algorithm, or ``{tokens: algorithm}``: the algorithm of the largest key <= the call's rows
+        (the smallest key's below all keys)."""
+        table = {0: alg_id} if isinstance(alg_id, int) else dict(alg_id)
+        if not table:
+            raise ValueError("`alg_id` must be an int or a non-empty {tokens: algorithm} mapping.")
+        self._alg_bounds = sorted(int(k) for k in table)
+        self._algs = [int(table[k]) for k in sorted(table)]
+        self.alg_id = self._algs[-1]
+
+    def alg_for(self, rows: int) -> int:
+        alg = self._algs[0]
+        for bound, candidate in zip(self._alg_bounds, self._algs):
+            if rows >= bound:
+                alg = candidate
+        return alg
 
     def mm(self, x2d: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        alg = self.alg_for(x2d.shape[0])
         if torch.compiler.is_compiling():  # one opaque operator, so Inductor shares the input between projections
-            return torch.ops.proxsparse_hf.cslt_linear(x2d, self.packed, bias, self.out_features, self.alg_id)
-        return cslt_linear(x2d, self.packed, bias, self.out_features, self.alg_id)
+            return torch.ops.proxsparse_hf.cslt_linear(x2d, self.packed, bias, self.out_features, alg)
+        return cslt_linear(x2d, self.packed, bias, self.out_features, alg)
 
     def decompress(self) -> torch.Tensor:
         # W @ I is exact: each output sums one kept weight times 1.0 and zeros, in fp32, then rounds to the same value
@@ -215,7 +234,7 @@ class _SubclassKernel(_Kernel):
         return total
 
 
-def _build_kernel(backend: str, weight: torch.Tensor, alg_id: int = 0) -> _Kernel:
+def _build_kernel(backend: str, weight: torch.Tensor, alg_id: int | Mapping[int, int] = 0) -> _Kernel:
     if backend == "cusparselt":
         return _CusparseltKernel(weight, alg_id)
     if backend == "cutlass":
@@ -300,10 +319,12 @@ class SparseLinear2to4(nn.Module):
         backend: str,
         min_tokens: int = 0,
         mode: str = "speed",
-        alg_id: int = 0,
+        alg_id: int | Mapping[int, int] = 0,
         name: str = "",
     ) -> SparseLinear2to4:
         """Wrap an ``nn.Linear`` / ``Conv1D`` whose weight is exactly 2:4 (else ``ValueError`` naming ``name``).
+
+        ``alg_id``: the cuSPARSELt algorithm, or ``{tokens: algorithm}`` (the largest key <= a call's rows picks).
 
         The dense ``weight`` / ``bias`` Parameters are shared, not copied, so :meth:`to_dense_module` is bit-exact.
         """
@@ -510,6 +531,11 @@ class DispatchEntry:
     buckets: list[int] = field(default_factory=list)
     dense_ms: list[float] = field(default_factory=list)
     sparse_ms: list[float] = field(default_factory=list)
+    bucket_algs: list[int] = field(default_factory=list)  # the fastest cuSPARSELt algorithm at each bucket
+
+    def algorithms(self) -> int | dict[int, int]:
+        """What :meth:`SparseLinear2to4.from_linear` takes as ``alg_id``: per bucket when measured so."""
+        return dict(zip(self.buckets, self.bucket_algs)) if self.bucket_algs else self.alg_id
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -526,7 +552,6 @@ def _threshold(buckets: list[int], dense_ms: list[float], sparse_ms: list[float]
     return threshold
 
 
-_ALG_CHOICE: dict[tuple, int] = {}  # (out, in, dtype, device) -> fastest cuSPARSELt algorithm, per process
 # cuSPARSELt versions whose float16 kernels failed ("internal error" in the algorithm search, then a poisoned CUDA
 # context) or hung on an H100 with torch 2.11; float16 layers stay dense there unless
 # PROXSPARSE_ALLOW_FP16_CUSPARSELT=1.
@@ -545,45 +570,43 @@ def fp16_cusparselt_blocked() -> bool:
 def _tune_shape(
     backend: str, weight: torch.Tensor, tune_for: str, buckets: tuple[int, ...], select_alg: bool
 ) -> DispatchEntry:
-    """Time dense vs sparse for one weight ``[out, in]`` on its device; choose the cuSPARSELt algorithm first."""
-    out_features, in_features = weight.shape
+    """Time dense vs sparse for one weight ``[out, in]`` on its device at every bucket; for cuSPARSELt
+    (``select_alg``) first pick the fastest algorithm at each bucket (CUDA-graph timing: the algorithm that wins at
+    2k tokens need not win at 8k)."""
     generator = torch.Generator(device=weight.device).manual_seed(0)
-    x_all = torch.randn(max(buckets), in_features, device=weight.device, dtype=weight.dtype, generator=generator)
+    x_all = torch.randn(max(buckets), weight.shape[1], device=weight.device, dtype=weight.dtype, generator=generator)
     dense_w = weight.detach().contiguous()
-    alg_id = 0
     kernel = _build_kernel(backend, dense_w, 0)
-    alg_key = (out_features, in_features, weight.dtype, str(weight.device))
-    if backend == "cusparselt" and select_alg and alg_key in _ALG_CHOICE:
-        alg_id = kernel.alg_id = _ALG_CHOICE[alg_key]
-    elif backend == "cusparselt" and select_alg:
-        probe = x_all[: min(4096, max(buckets))]
+    search = backend == "cusparselt" and select_alg
+    candidates = (_FP16_SAFE_ALGS if weight.dtype == torch.float16 else range(_max_alg_id())) if search else ()
+    dense_ms, sparse_ms, bucket_algs = [], [], []
+    for bucket in buckets:
+        x = x_all[:bucket]
         best = None
-        candidates = _FP16_SAFE_ALGS if weight.dtype == torch.float16 else range(_max_alg_id())
         for candidate in candidates:
             try:
-                kernel.alg_id = candidate
-                kernel.mm(probe, None)
+                kernel.set_alg(candidate)
+                kernel.mm(x, None)
                 torch.cuda.synchronize()
-                ms = time_ms(lambda: kernel.mm(probe, None), "cuda_graph", reps=3)
-            except RuntimeError:
+                ms = time_ms(lambda: kernel.mm(x, None), "cuda_graph", reps=3)
+            except RuntimeError:  # an id this build or shape does not have
                 continue
             if best is None or ms < best[0]:
                 best = (ms, candidate)
-        alg_id = 0 if best is None else best[1]
-        kernel.alg_id = _ALG_CHOICE[alg_key] = alg_id
-    dense_ms, sparse_ms = [], []
-    for bucket in buckets:
-        x = x_all[:bucket]
+        if search:
+            bucket_algs.append(0 if best is None else best[1])
+            kernel.set_alg(bucket_algs[-1])
         reps = 20 if bucket <= 1024 else 6
         dense_ms.append(round(time_ms(lambda: F.linear(x, dense_w), tune_for, reps), 5))
         sparse_ms.append(round(time_ms(lambda: kernel.mm(x, None), tune_for, reps), 5))
 
     return DispatchEntry(
         min_tokens=_threshold(list(buckets), dense_ms, sparse_ms, TUNE_MARGIN[tune_for]),
-        alg_id=alg_id,
+        alg_id=bucket_algs[-1] if bucket_algs else 0,
         buckets=list(buckets),
         dense_ms=dense_ms,
         sparse_ms=sparse_ms,
+        bucket_algs=bucket_algs,
     )
 
 
@@ -736,17 +759,17 @@ def to_sparse_kernels(
                     entry = _tune_shape(layer_backend, grouped, tune_for, TUNE_BUCKETS, select_alg=True)
                 cache.put(key, entry)
                 logger.info(
-                    "2:4 dispatch for %s %s %dx%d: alg %d, sparse from %s tokens (dense ms %s, sparse ms %s)",
+                    "2:4 dispatch for %s %s %dx%d: alg %s, sparse from %s tokens (dense ms %s, sparse ms %s)",
                     layer_backend,
                     grouped.dtype,
                     out_features,
                     in_features,
-                    entry.alg_id,
+                    entry.algorithms(),
                     "never" if entry.min_tokens >= NEVER else entry.min_tokens,
                     entry.dense_ms,
                     entry.sparse_ms,
                 )
-            alg_id = entry.alg_id
+            alg_id = entry.algorithms()
             if min_tokens == "auto":
                 threshold = entry.min_tokens
             elif min_tokens is None:

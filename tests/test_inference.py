@@ -214,15 +214,36 @@ def test_dispatch_cache_round_trip(tmp_path, monkeypatch):
     cache = _DispatchCache(tmp_path, torch.device("cpu"))
     key = cache.key("cusparselt", torch.bfloat16, 4096, 11008, "eager")
     assert "cusparselt|bfloat16|4096x11008|eager|torch" in key
-    entry = DispatchEntry(min_tokens=1024, alg_id=17, buckets=[16, 1024], dense_ms=[0.1, 1.0], sparse_ms=[0.5, 0.6])
+    entry = DispatchEntry(
+        min_tokens=1024, alg_id=17, buckets=[16, 1024], dense_ms=[0.1, 1.0], sparse_ms=[0.5, 0.6], bucket_algs=[4, 17]
+    )
     cache.put(key, entry)
     cache.save()
     data = json.loads(cache.file.read_text())
-    assert data["version"] == 1 and data["entries"][key]["alg_id"] == 17
+    assert data["version"] == 2 and data["entries"][key]["bucket_algs"] == [4, 17]
     assert _DispatchCache(tmp_path, torch.device("cpu")).get(key) == entry
+    assert entry.algorithms() == {16: 4, 1024: 17}
+    assert DispatchEntry(min_tokens=NEVER, alg_id=3).algorithms() == 3
+    # a cache written before algorithms were chosen per bucket (version 1) is ignored: the shapes are measured again
+    cache.file.write_text(json.dumps({"version": 1, "entries": {key: {"min_tokens": 16, "alg_id": 0}}}))
+    assert _DispatchCache(tmp_path, torch.device("cpu")).get(key) is None
     cache.file.write_text("{not json")
     assert _DispatchCache(tmp_path, torch.device("cpu")).get(key) is None
     assert _DispatchCache(None, torch.device("cpu")).path == tmp_path / "default"
+
+
+def test_cusparselt_algorithm_per_token_count():
+    """The algorithm of the largest measured token count <= the call's rows; below every count, the smallest's."""
+    from proxsparse_hf.inference import _CusparseltKernel
+
+    kernel = object.__new__(_CusparseltKernel)  # the algorithm table only (compressing a weight needs CUDA)
+    kernel.set_alg({2048: 20, 16: 4, 8192: 17})
+    assert kernel.alg_id == 17
+    assert [kernel.alg_for(rows) for rows in (1, 16, 2047, 2048, 5000, 8192, 10**6)] == [4, 4, 4, 20, 20, 17, 17]
+    kernel.set_alg(11)
+    assert kernel.alg_for(1) == kernel.alg_for(10**6) == kernel.alg_id == 11
+    with pytest.raises(ValueError, match="alg_id"):
+        kernel.set_alg({})
 
 
 # --- the cuSPARSELt operator seen by torch.compile -------------------------------------------------------------------

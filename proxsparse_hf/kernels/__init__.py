@@ -1,4 +1,5 @@
-"""Fused GPU kernels (optional dependency: Triton). Nothing here imports Triton until a kernel is used:
+"""GPU kernels: the fused prox (optional dependency: Triton) and the cuSPARSELt operator used at inference
+(:mod:`.cusparselt_op`, plain torch). Nothing here imports Triton until a kernel is used:
 ``from proxsparse_hf.kernels import TritonProxPlan`` imports :mod:`.triton_prox` on first access."""
 
 from __future__ import annotations
