@@ -2,7 +2,7 @@
 
 ``to_sparse_kernels`` picks one algorithm per shape from short bursts of graph replays (``_tune_shape``); this script
 checks that choice where a model spends its prefill: each timing is a CUDA graph of 40 back-to-back matmuls replayed
-5 times (median per matmul), long enough for the GPU to reach the clock its power cap allows. One JSON line per
+3 times (median per matmul), long enough for the GPU to reach the clock its power cap allows. One JSON line per
 (shape, tokens), everything written to ``--out``::
 
     python benchmarks/cusparselt_algs.py --out benchmarks/results/cusparselt_algs_h200.json
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from proxsparse_hf.inference import _max_alg_id, sparse_kernels_available  # noqa: E402
+from proxsparse_hf.inference import _max_alg_id, sparse_kernels_available, time_ms  # noqa: E402
 from proxsparse_hf.masks import mask_2to4  # noqa: E402
 from proxsparse_hf.outputs import describe_hardware, library_versions  # noqa: E402
 
@@ -29,29 +28,9 @@ SHAPES = {"qkvo": (4096, 4096), "gate_up": (11008, 4096), "down": (4096, 11008)}
 CALLS = 40
 
 
-def sustained_ms(fn, calls: int = CALLS, reps: int = 5) -> float:
-    """Median ms per call of ``fn`` inside a CUDA graph of ``calls`` back-to-back calls, replayed ``reps`` times."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    graph.replay()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) / calls)
-    return statistics.median(samples)
+def sustained_ms(fn) -> float:
+    """Ms per call of ``fn`` in a CUDA graph of ``CALLS`` back-to-back calls (median of 3 replays)."""
+    return time_ms(fn, "cuda_graph", reps=CALLS)
 
 
 def sweep(out_features: int, in_features: int, tokens: int) -> dict:

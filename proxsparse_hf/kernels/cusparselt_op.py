@@ -46,10 +46,11 @@ def _fake(
     return x2d.new_empty((x2d.shape[0], out_features))
 
 
-torch.library.define(
-    OP_NAME,
-    "(Tensor x2d, Tensor packed, Tensor? bias, SymInt out_features, int alg_id) -> Tensor",
-    tags=(torch.Tag.flexible_layout,),
-)
-torch.library.impl(OP_NAME, "CUDA")(cslt_linear)
-torch.library.register_fake(OP_NAME)(_fake)
+if not hasattr(torch.ops.proxsparse_hf, "cslt_linear"):  # once per process, also if this module is reloaded
+    torch.library.define(
+        OP_NAME,
+        "(Tensor x2d, Tensor packed, Tensor? bias, SymInt out_features, int alg_id) -> Tensor",
+        tags=(torch.Tag.flexible_layout,),
+    )
+    torch.library.impl(OP_NAME, "CUDA")(cslt_linear)
+    torch.library.register_fake(OP_NAME)(_fake)
