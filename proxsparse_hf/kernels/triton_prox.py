@@ -25,7 +25,8 @@ costs two kernel launches whatever the number of target matrices, instead of two
 cost exceeded the GPU work on 7B-sized layers).
 
 Extra memory, allocated once per plan: one flag byte per tile (of ``BLOCK_ROWS * BLOCK_COLS`` groups), plus four
-bytes per tile naming its weight when the plan has several, and 64 bytes per weight. Triton is imported by this module
+bytes per tile naming its weight when the plan has several, 64 bytes per weight, and 8 bytes per column of a weight
+with a column scale (its copy of ``s`` and ``1 / s``). Triton is imported by this module
 only; never at package import.
 """
 
@@ -360,8 +361,12 @@ def _solve_tile(
     raw = tl.load(ptr + offs, mask=mask, other=0.0)
     v = raw.to(tl.float32)
     if SCALED:  # prox in the coordinates W * s (s per column), result times 1 / s on the way out
-        scale_ptr = tl.load(entry + 1).to(tl.pointer_type(tl.float32))
-        s = tl.load(scale_ptr + col, mask=(grp < gpr)[None, :, None], other=1.0)  # once per column, not per row
+        # the plan stores s then 1 / s; loaded in the block's own layout (repeated per row, from cache) so that no
+        # layout conversion through shared memory is needed
+        scale_ptr = tl.multiple_of(tl.load(entry + 1).to(tl.pointer_type(tl.float32)), 16)  # the plan's own copy
+        scale_ptr = scale_ptr + tl.broadcast_to(col, (BLOCK_R, BLOCK_C, 4))
+        s = tl.load(scale_ptr, mask=mask, other=1.0)
+        inv_s = tl.load(scale_ptr + 4 * gpr, mask=mask, other=1.0)
         v = v * s
     evens, odds = tl.split(tl.reshape(v, (BLOCK_R, BLOCK_C, 2, 2)))
     v0, v2 = tl.split(evens)
@@ -404,7 +409,7 @@ def _solve_tile(
         sign = v.to(tl.uint32, bitcast=True) & 0x80000000
         out = (out.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
         if SCALED:
-            out = out * (1.0 / s)
+            out = out * inv_s
         tl.store(ptr + offs, out.to(raw.dtype), mask=mask)
 
 
@@ -465,17 +470,18 @@ class _Launch:
     weight of every tile (int32), copied to the GPU in one transfer; one flag byte per tile, zeroed on the GPU."""
 
     def __init__(self, entries, multipliers, device, block_r, block_c):
-        # the table holds raw addresses: keep the weights and scales it points to alive as long as the launch (a
-        # scale converted to contiguous float32 by the caller may exist nowhere else)
-        self.tensors = entries
+        # a column scale is stored with its inverse, [s, 1 / s], in one 16-byte-aligned float32 buffer of the plan
+        pairs = [None if scale is None else torch.cat([scale, scale.reciprocal()]) for _, scale in entries]
+        # the table holds raw addresses: keep the weights and scale pairs it points to alive as long as the launch
+        self.tensors = (entries, pairs)
         rows, tiles = [], []
         first_tile = 0
         mult_bits = torch.tensor(multipliers, dtype=torch.float32).view(torch.int32).tolist()
-        for (weight, scale), bits in zip(entries, mult_bits):
+        for (weight, _), pair, bits in zip(entries, pairs, mult_bits):
             n_rows, cols = weight.shape
             gpr = cols // 4
             count = triton.cdiv(n_rows, block_r) * triton.cdiv(gpr, block_c)
-            sptr = scale.data_ptr() if scale is not None else 0
+            sptr = pair.data_ptr() if pair is not None else 0
             rows.append([weight.data_ptr(), sptr, first_tile, n_rows, gpr, *weight.stride(), bits])
             tiles.append(count)
             first_tile += count
@@ -506,8 +512,8 @@ class TritonProxPlan:
             weight is reallocated.
         column_scales: per weight, ``None`` or a contiguous float32 vector with one entry per column (> 0): that weight's
             prox runs in the coordinates ``W * s`` and is written back divided by ``s`` (as a product with ``1 / s``,
-            computed once per column: within a few float32 ulps of a true division, before the rounding to the weight's
-            dtype).
+            computed once when the plan is built: within a float32 ulp of a true division, before the rounding to the
+            weight's dtype). The plan keeps its own copy of ``s`` and ``1 / s`` (8 bytes per column).
         multipliers: per weight, the factor applied to ``lam`` (per-layer λ); default 1.
         launch: overrides of the launch configuration (``block_rows``, ``block_cols``, ``num_warps``, ``check``).
     """
