@@ -212,7 +212,8 @@ class Prox2to4Batch:
         weights: tensors as accepted by :func:`prox_2to4_` (groups of 4 along the last dimension), any devices.
         multipliers: per weight, the factor applied to ``lam`` (default 1); finite and ``>= 0``.
         column_scales: per weight, ``None`` or a positive float32 vector with one entry per column (see
-            :func:`prox_2to4`).
+            :func:`prox_2to4`). The batch keeps a copy taken here: a scale changed afterwards needs a new batch
+            (:meth:`matches` compares tensors, not their values).
         max_iter, tol, backend, chunk_groups: as in :func:`prox_2to4`.
     """
 
@@ -241,7 +242,8 @@ class Prox2to4Batch:
         for weight, mult, scale in zip(weights, mults, scales):
             if weight.numel() == 0 or mult == 0:
                 continue
-            scale = None if scale is None else scale.detach().to(torch.float32).contiguous()
+            # a snapshot: both backends use the scale as it was when the batch was built
+            scale = None if scale is None else scale.detach().to(torch.float32, copy=True).contiguous()
             if resolve_backend(backend, weight.device) == "triton":
                 views, view_mults, view_scales = on_triton.setdefault(weight.device, ([], [], []))
                 for view in as_2d(weight.detach()):

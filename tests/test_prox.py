@@ -398,6 +398,19 @@ def test_batch_matches_only_the_same_weights_factors_and_scales():
     assert not batch.matches(weights)  # default factors 1 and no scales
 
 
+def test_batch_uses_the_scales_as_they_were_when_built():
+    """The batch keeps a copy of each column scale (the Triton plan stores s and 1/s): changing the caller's tensor in
+    place afterwards changes nothing, on every backend."""
+    gen = torch.Generator().manual_seed(7)
+    weight = torch.randn(6, 16, generator=gen)
+    scale = torch.rand(16, generator=gen) + 0.5
+    expected = prox_2to4(weight, 0.75, column_scale=scale)
+    batch = Prox2to4Batch([weight], column_scales=[scale])
+    scale.mul_(3.0)
+    batch(0.75)
+    assert torch.equal(weight, expected)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "exc", "match"),
     [

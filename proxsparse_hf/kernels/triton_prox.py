@@ -513,7 +513,7 @@ class TritonProxPlan:
         column_scales: per weight, ``None`` or a contiguous float32 vector with one entry per column (> 0): that weight's
             prox runs in the coordinates ``W * s`` and is written back divided by ``s`` (as a product with ``1 / s``,
             computed once when the plan is built: within a float32 ulp of a true division, before the rounding to the
-            weight's dtype). The plan keeps its own copy of ``s`` and ``1 / s`` (8 bytes per column).
+            weight's dtype). The plan keeps its own copy of ``s`` and ``1 / s`` (8 bytes per column), taken here.
         multipliers: per weight, the factor applied to ``lam`` (per-layer λ); default 1.
         launch: overrides of the launch configuration (``block_rows``, ``block_cols``, ``num_warps``, ``check``).
     """
