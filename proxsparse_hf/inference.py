@@ -178,8 +178,9 @@ class _CusparseltKernel(_Kernel):
         table = {0: alg_id} if isinstance(alg_id, int) else dict(alg_id)
         if not table:
             raise ValueError("`alg_id` must be an int or a non-empty {tokens: algorithm} mapping.")
-        self._alg_bounds = sorted(int(k) for k in table)
-        self._algs = [int(table[k]) for k in sorted(table)]
+        pairs = sorted((int(tokens), int(alg)) for tokens, alg in table.items())
+        self._alg_bounds = [tokens for tokens, _ in pairs]
+        self._algs = [alg for _, alg in pairs]
         self.alg_id = self._algs[-1]
 
     def alg_for(self, rows: int) -> int:

@@ -242,8 +242,9 @@ class Prox2to4Batch:
         for weight, mult, scale in zip(weights, mults, scales):
             if weight.numel() == 0 or mult == 0:
                 continue
-            # a snapshot: both backends use the scale as it was when the batch was built
-            scale = None if scale is None else scale.detach().to(torch.float32, copy=True).contiguous()
+            scale = None if scale is None else scale.detach().to(torch.float32).contiguous()
+            # both backends use the scale as it was when the batch was built: the Triton plan stores its own copy
+            # (with the inverse), the torch path gets one here
             if resolve_backend(backend, weight.device) == "triton":
                 views, view_mults, view_scales = on_triton.setdefault(weight.device, ([], [], []))
                 for view in as_2d(weight.detach()):
@@ -251,7 +252,7 @@ class Prox2to4Batch:
                     view_mults.append(mult)
                     view_scales.append(scale)
             else:
-                self._torch_items.append((weight, mult, scale))
+                self._torch_items.append((weight, mult, None if scale is None else scale.clone()))
         if on_triton:
             from .kernels import TritonProxPlan
 

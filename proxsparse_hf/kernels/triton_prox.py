@@ -473,7 +473,7 @@ class _Launch:
         # a column scale is stored with its inverse, [s, 1 / s], in one 16-byte-aligned float32 buffer of the plan
         pairs = [None if scale is None else torch.cat([scale, scale.reciprocal()]) for _, scale in entries]
         # the table holds raw addresses: keep the weights and scale pairs it points to alive as long as the launch
-        self.tensors = (entries, pairs)
+        self.tensors = ([weight for weight, _ in entries], pairs)
         rows, tiles = [], []
         first_tile = 0
         mult_bits = torch.tensor(multipliers, dtype=torch.float32).view(torch.int32).tolist()
