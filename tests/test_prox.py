@@ -288,6 +288,27 @@ def test_package_import_does_not_import_triton():
     assert out.stdout.strip() == "False"
 
 
+def test_division_magic_divides_every_tile_index():
+    """The kernel finds a tile's row as ``(local * m) >> k``: exact for every index below 2**31 and every divisor."""
+    from proxsparse_hf.kernels.magic import division_magic
+
+    rng = np.random.default_rng(0)
+    divisors = [*range(1, 4097), *(2**p + o for p in range(12, 31) for o in (-1, 0, 1)), 2**31 - 1, 2**31]
+    for d in divisors:
+        m, k = division_magic(d)
+        assert 0 < m <= 2**32 and (2**31 - 1) * m < 2**63  # one int64 product in the kernel
+        n = np.concatenate([[0, 1, d - 1, d, d + 1, 2 * d - 1, 2**31 - 1], rng.integers(0, 2**31, 64)])
+        n = [int(x) for x in n if 0 <= x < 2**31]
+        assert [(x * m) >> k for x in n] == [x // d for x in n], d
+    # every index for a few divisors of real layers' column tiles (4096 and 11008 columns, 32 groups per tile)
+    for d in (32, 86, 3, 7):
+        m, k = division_magic(d)
+        n = np.arange(0, 1 << 20, dtype=np.int64)
+        assert np.array_equal((n * m) >> k, n // d)
+    with pytest.raises(ValueError, match="divisor must be >= 1, got 0"):
+        division_magic(0)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "exc", "match"),
     [

@@ -25,7 +25,7 @@ costs two kernel launches whatever the number of target matrices, instead of two
 cost exceeded the GPU work on 7B-sized layers).
 
 Extra memory, allocated once per plan: one flag byte per tile (of ``BLOCK_ROWS * BLOCK_COLS`` groups), plus four
-bytes per tile naming its weight when the plan has several, 64 bytes per weight, and 8 bytes per column of a weight
+bytes per tile naming its weight when the plan has several, 80 bytes per weight, and 8 bytes per column of a weight
 with a column scale (its copy of ``s`` and ``1 / s``). Triton is imported by this module
 only; never at package import.
 """
@@ -40,6 +40,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..prox import as_2d, per_weight
+from .magic import division_magic
 
 __all__ = ["TritonProxPlan", "prox_2to4_triton_"]
 
@@ -51,8 +52,8 @@ BLOCK_COLS = 32
 NUM_WARPS = 2
 CHECK_EVERY = 4
 # int64 columns of the weight table: pointer, scale pointer, first tile, rows, groups per row, row stride, column
-# stride, λ multiplier (float32 bits)
-TABLE_COLUMNS: tl.constexpr = tl.constexpr(8)
+# stride, λ multiplier (float32 bits), and the multiplier and shift that divide a tile index by the column tiles
+TABLE_COLUMNS: tl.constexpr = tl.constexpr(10)
 # flags read at once by one program of the exact pass: enough programs to fill the GPU several times over when every
 # tile is flagged, few enough that the pass is a handful of waves when none is
 SCAN_MIN, SCAN_MAX, SCAN_PROGRAMS_PER_SM = 16, 1024, 8
@@ -85,16 +86,21 @@ def _sweep(w0, w1, w2, w3, a0, a1, a2, a3, lam):
 
 
 @triton.jit
-def _descent(w0, w1, w2, w3, a0, a1, a2, a3, lam, num, den, thresh, watch, start, max_iter, CHECK: tl.constexpr):
-    """Coordinate descent of the ``watch``-ed groups (``start``: whether there is any), CHECK sweeps between checks;
-    a group's result is frozen at the first check where ``num * max|step| <= thresh * den`` (``num / den``: its
-    contraction gain). Groups still moving after the last check that fits in ``max_iter`` sweeps come back with
-    ``done`` false; ``all_done`` tells whether any did."""
+def _descent(
+    w0, w1, w2, w3, a0, a1, a2, a3, lam, num, den, thresh, watch, extra, max_iter,
+    CHECK: tl.constexpr, FREEZE: tl.constexpr,
+):  # fmt: skip
+    """Coordinate descent of the ``watch``-ed groups, CHECK sweeps between checks; a group passes at the first check
+    where ``num * max|step| <= thresh * den`` (``num / den``: its contraction gain). ``FREEZE``: a group's result is
+    the iterate of the check it passed (else the last iterate, which the contraction keeps at least as close to the
+    minimiser; cheaper). Stops once every group has passed, once ``max_iter`` sweeps leave no room for another check,
+    or at once when ``extra`` (an int32 per group, 0 or 2) is 2 anywhere. Returns the iterates, ``done`` per group and
+    ``state``, the block's maximum of ``extra | (not done)`` at the last check (1 before the first)."""
     r0, r1, r2, r3 = w0, w1, w2, w3
     done = watch == 0
-    all_done = start == 0
+    state = 1
     sweep = 0
-    going = start & (CHECK <= max_iter)
+    going = CHECK <= max_iter
     while going:
         for _ in tl.static_range(CHECK - 1):
             w0, w1, w2, w3 = _sweep(w0, w1, w2, w3, a0, a1, a2, a3, lam)
@@ -102,19 +108,22 @@ def _descent(w0, w1, w2, w3, a0, a1, a2, a3, lam, num, den, thresh, watch, start
         w0, w1, w2, w3 = _sweep(w0, w1, w2, w3, a0, a1, a2, a3, lam)
         sweep += CHECK
         step = tl.maximum(tl.maximum(tl.abs(w0 - p0), tl.abs(w1 - p1)), tl.maximum(tl.abs(w2 - p2), tl.abs(w3 - p3)))
-        newly = (step * num <= thresh * den) & (done == 0)
-        r0 = tl.where(newly, w0, r0)
-        r1 = tl.where(newly, w1, r1)
-        r2 = tl.where(newly, w2, r2)
-        r3 = tl.where(newly, w3, r3)
-        done = done | newly
-        all_done = tl.max((done == 0).to(tl.int32), axis=None) == 0
-        going = (all_done == 0) & (sweep + CHECK <= max_iter)
-    r0 = tl.where(done, r0, w0)
-    r1 = tl.where(done, r1, w1)
-    r2 = tl.where(done, r2, w2)
-    r3 = tl.where(done, r3, w3)
-    return r0, r1, r2, r3, done, all_done
+        passed = step * num <= thresh * den
+        if FREEZE:
+            newly = passed & (done == 0)
+            r0 = tl.where(newly, w0, r0)
+            r1 = tl.where(newly, w1, r1)
+            r2 = tl.where(newly, w2, r2)
+            r3 = tl.where(newly, w3, r3)
+        done = done | passed
+        state = tl.max((done == 0).to(tl.int32) | extra, axis=None)
+        going = (state == 1) & (sweep + CHECK <= max_iter)
+    if FREEZE:
+        w0 = tl.where(done, r0, w0)
+        w1 = tl.where(done, r1, w1)
+        w2 = tl.where(done, r2, w2)
+        w3 = tl.where(done, r3, w3)
+    return w0, w1, w2, w3, done, state
 
 
 @triton.jit
@@ -269,17 +278,17 @@ def _exact(a0, a1, a2, a3, lam, tol, max_iter, CHECK: tl.constexpr, BISECT: tl.c
     thresh = tol * s0
     one = zero + 1.0
     watch = s0 >= 0
-    c0, c1, c2, c3, _d, _a = _descent(
-        s0, s1, s2, s3, s0, s1, s2, s3, lam, one, one, thresh, watch, True, max_iter, CHECK
+    c0, c1, c2, c3, _d, _s = _descent(
+        s0, s1, s2, s3, s0, s1, s2, s3, lam, one, one, thresh, watch, 0, max_iter, CHECK, True
     )
     c0, c1, c2, c3 = _newton_polish(c0, c1, c2, c3, s0, s1, s2, s3, lam, NEWTON)
     fc = _objective(c0, c1, c2, c3, s0, s1, s2, s3, lam)
     best, b0, b1, b2, b3 = _pick(best, b0, b1, b2, b3, fc, c0, c1, c2, c3)
     mean = 0.25 * (s0 + s1 + s2 + s3)
     gamma = 2.0 / (1.0 + tl.sqrt(1.0 + (12.0 * lam) * mean))
-    c0, c1, c2, c3, _d, _a = _descent(
-        s0 * gamma, s1 * gamma, s2 * gamma, s3 * gamma, s0, s1, s2, s3, lam, one, one, thresh, watch, True, max_iter,
-        CHECK,
+    c0, c1, c2, c3, _d, _s = _descent(
+        s0 * gamma, s1 * gamma, s2 * gamma, s3 * gamma, s0, s1, s2, s3, lam, one, one, thresh, watch, 0, max_iter,
+        CHECK, True,
     )  # fmt: skip
     c0, c1, c2, c3 = _newton_polish(c0, c1, c2, c3, s0, s1, s2, s3, lam, NEWTON)
     fc = _objective(c0, c1, c2, c3, s0, s1, s2, s3, lam)
@@ -345,9 +354,9 @@ def _solve_tile(
         gpr = tl.load(entry + 4).to(tl.int32)
         stride_row = tl.load(entry + 5).to(tl.int32)
         stride_col = tl.load(entry + 6).to(tl.int32)
-    col_tiles = (gpr + BLOCK_C - 1) // BLOCK_C
-    tile_row = local // col_tiles
-    tile_col = local - tile_row * col_tiles
+    # tile_row = local // column tiles, as a multiply-shift by the plan's magic number (exact for local < 2**31)
+    tile_row = ((local.to(tl.int64) * tl.load(entry + 8)) >> tl.load(entry + 9)).to(tl.int32)
+    tile_col = local - tile_row * ((gpr + BLOCK_C - 1) // BLOCK_C).to(tl.int32)
     row = tile_row * BLOCK_R + tl.arange(0, BLOCK_R)
     grp = tile_col * BLOCK_C + tl.arange(0, BLOCK_C)
     in_range = (row[:, None] < rows) & (grp[None, :] < gpr)  # [rows, groups] of the tile
@@ -375,21 +384,28 @@ def _solve_tile(
     a1 = tl.abs(v1)
     a2 = tl.abs(v2)
     a3 = tl.abs(v3)
-    total = a0 + a1 + a2 + a3
-    amin = tl.minimum(tl.minimum(a0, a1), tl.minimum(a2, a3))
-    amax = tl.maximum(tl.maximum(a0, a1), tl.maximum(a2, a3))
-    nnz = (a0 > 0).to(tl.int32) + (a1 > 0).to(tl.int32) + (a2 > 0).to(tl.int32) + (a3 > 0).to(tl.int32)
-    active = (nnz > 2) & in_range
-    rho = (2.0 * t_lam) * (total - amin)
+    lo01 = tl.minimum(a0, a1)
+    hi01 = tl.maximum(a0, a1)
+    lo23 = tl.minimum(a2, a3)
+    hi23 = tl.maximum(a2, a3)
+    amin = tl.minimum(lo01, lo23)
+    amax = tl.maximum(hi01, hi23)
+    # more than two non-zeros <=> the second smallest magnitude is non-zero
+    active = (tl.minimum(tl.maximum(lo01, lo23), tl.minimum(hi01, hi23)) > 0) & in_range
+    rho = (2.0 * t_lam) * (a0 + a1 + a2 + a3 - amin)
     convex = rho < 1.0
     thresh = tol * amax
     watch = active & convex
-    # one block-wide reduction tells both whether any group is watched (bit 0) and whether any active group is
-    # non-convex (bit 1: the tile needs the exact pass whatever the descent does)
-    status = tl.max(watch.to(tl.int32) | ((active & (convex == 0)).to(tl.int32) * 2), axis=None)
-    # stop test rho / (1 - rho) * max|step| <= thresh, without the division
-    w0, w1, w2, w3, done, all_done = _descent(
-        a0, a1, a2, a3, a0, a1, a2, a3, t_lam, rho, 1.0 - rho, thresh, watch, (status & 1) != 0, max_iter, CHECK
+    if EXACT:  # descend the convex groups to the end, then solve the others from their candidate supports
+        extra = tl.zeros_like(in_range.to(tl.int32))
+    else:  # an active group not certified convex sends the tile to the exact pass: the descent stops at its first
+        # check (whose block-wide reduction sees it) and the tile is flagged
+        extra = (active & (convex == 0)).to(tl.int32) * 2
+    # stop test rho / (1 - rho) * max|step| <= thresh, without the division. Groups that are not watched keep their
+    # values through the sweeps (at most two non-zeros: a fixed point of the sweep), so the fast pass, which writes
+    # nothing unless every group passed, can take the last iterate (FREEZE false)
+    w0, w1, w2, w3, done, state = _descent(
+        a0, a1, a2, a3, a0, a1, a2, a3, t_lam, rho, 1.0 - rho, thresh, watch, extra, max_iter, CHECK, EXACT
     )
     write = True
     if EXACT:
@@ -400,17 +416,20 @@ def _solve_tile(
         w2 = tl.where(pending, e2, w2)
         w3 = tl.where(pending, e3, w3)
     else:
-        if ((status & 2) != 0) | (all_done == 0):
+        if state != 0:  # a group not certified convex, or not converged within max_iter
             tl.store(flags + tile, 1)
             write = False
     if write:
-        # restore signs by copying the sign bit (w >= 0, never -0.0): zeros are written back as read, -0.0 included
         out = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (BLOCK_R, BLOCK_C, 4))
-        sign = v.to(tl.uint32, bitcast=True) & 0x80000000
-        out = (out.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
         if SCALED:
             out = out * inv_s
-        tl.store(ptr + offs, out.to(raw.dtype), mask=mask)
+        # restore signs by copying the sign bit of what was read, in the weight's own format (w >= 0, never -0.0):
+        # zeros are written back as read, -0.0 included
+        if DTYPE.primitive_bitwidth == 16:
+            bits = out.to(DTYPE).to(tl.uint16, bitcast=True) | (raw.to(tl.uint16, bitcast=True) & 0x8000)
+        else:
+            bits = out.to(DTYPE).to(tl.uint32, bitcast=True) | (raw.to(tl.uint32, bitcast=True) & 0x80000000)
+        tl.store(ptr + offs, bits.to(DTYPE, bitcast=True), mask=mask)
 
 
 @triton.jit
@@ -466,7 +485,8 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.floa
 
 class _Launch:
     """One launch's data: the weight table (``TABLE_COLUMNS`` int64 per weight: pointer, scale pointer, first tile,
-    rows, groups per row, row stride, column stride, λ multiplier's float32 bits) and, for several weights, the owning
+    rows, groups per row, row stride, column stride, λ multiplier's float32 bits, :func:`division_magic` of the
+    weight's column tiles) and, for several weights, the owning
     weight of every tile (int32), copied to the GPU in one transfer; one flag byte per tile, zeroed on the GPU."""
 
     def __init__(self, entries, multipliers, device, block_r, block_c):
@@ -482,7 +502,8 @@ class _Launch:
             gpr = cols // 4
             count = triton.cdiv(n_rows, block_r) * triton.cdiv(gpr, block_c)
             sptr = pair.data_ptr() if pair is not None else 0
-            rows.append([weight.data_ptr(), sptr, first_tile, n_rows, gpr, *weight.stride(), bits])
+            magic, shift = division_magic(triton.cdiv(gpr, block_c))
+            rows.append([weight.data_ptr(), sptr, first_tile, n_rows, gpr, *weight.stride(), bits, magic, shift])
             tiles.append(count)
             first_tile += count
         self.n_tiles = first_tile
