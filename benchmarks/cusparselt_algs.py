@@ -43,9 +43,8 @@ def _cycled(items: list):
     return lambda: items[next(counter) % len(items)]
 
 
-def sweep(out_features: int, in_features: int, tokens: int, copies: int, split_k: list[int]) -> dict:
-    """Dense ms and the speedup of every algorithm that plans for this shape (failing ids are skipped); then the
-    three best with each split-K factor and mode."""
+def sweep(out_features: int, in_features: int, tokens: int, copies: int) -> dict:
+    """Dense ms and the speedup of every algorithm that plans for this shape (failing ids are skipped)."""
     gen = torch.Generator(device="cuda").manual_seed(0)
     weights, packs, inputs = [], [], []
     for _ in range(copies):
@@ -60,10 +59,10 @@ def sweep(out_features: int, in_features: int, tokens: int, copies: int, split_k
         weight, x = dense_next()
         return F.linear(x, weight)
 
-    def sparse_ms(**kwargs) -> float:
+    def sparse_ms(alg: int) -> float:
         def call():
             packed, x = sparse_next()
-            return torch._cslt_sparse_mm(packed, x.t(), None, transpose_result=True, **kwargs)
+            return torch._cslt_sparse_mm(packed, x.t(), None, transpose_result=True, alg_id=alg)
 
         return sustained_ms(call)
 
@@ -71,33 +70,17 @@ def sweep(out_features: int, in_features: int, tokens: int, copies: int, split_k
     speedups = {}
     for alg in range(_max_alg_id()):
         try:
-            speedups[alg] = round(dense / sparse_ms(alg_id=alg), 3)
+            speedups[alg] = round(dense / sparse_ms(alg), 3)
         except RuntimeError:
             continue
     best = max(speedups, key=speedups.get)
-    row = {"dense_ms": round(dense, 4), "best_alg": best, "best_speedup": speedups[best], "speedup_by_alg": speedups}
-    if split_k:
-        split = {}
-        for alg in sorted(speedups, key=speedups.get, reverse=True)[:3]:
-            for factor, mode in itertools.product(split_k, (0, 1)):
-                try:
-                    split[f"{alg}/{factor}/{mode}"] = round(
-                        dense / sparse_ms(alg_id=alg, split_k=factor, split_k_mode=mode), 3
-                    )
-                except RuntimeError:
-                    continue
-        row["speedup_by_alg_split_k_mode"] = split
-        if split:
-            top = max(split, key=split.get)
-            row["best_split_k"], row["best_split_k_speedup"] = top, split[top]
-    return row
+    return {"dense_ms": round(dense, 4), "best_alg": best, "best_speedup": speedups[best], "speedup_by_alg": speedups}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[2048, 8192])
     parser.add_argument("--copies", type=int, nargs="+", default=[1], help="weights/inputs the matmuls cycle through")
-    parser.add_argument("--split-k", type=int, nargs="*", default=[], help="split-K factors to try on the best algs")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     available, reason = sparse_kernels_available("cusparselt")
@@ -115,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         args.copies, SHAPES.items(), args.tokens
     ):
         row = {"copies": copies, "shape": f"{name} {out_features}x{in_features}", "tokens": tokens}
-        row.update(sweep(out_features, in_features, tokens, copies, args.split_k))
+        row.update(sweep(out_features, in_features, tokens, copies))
         print(json.dumps({k: v for k, v in row.items() if not k.startswith("speedup_by")}), flush=True)
         results.append(row)
         torch.cuda.empty_cache()

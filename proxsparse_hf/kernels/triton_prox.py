@@ -20,7 +20,8 @@ Two passes, compiled separately from one kernel, share one tile solver:
 Many weights are solved by one launch per pass: :class:`TritonProxPlan` keeps a small table (pointer, shape, strides,
 column scale, λ multiplier of every weight, and where its tiles start) on the GPU, plus the owning weight of every tile;
 each program of the grid reads its weight's row, then its tile of ``BLOCK_ROWS x BLOCK_COLS`` groups (rows x groups
-within a row, held as a rows x groups x 4 block) without any integer division per group. A training step therefore
+within a row, held as a groups x rows x 4 block, so that with the default launch each thread holds one group column
+of every row of the tile and loads a column scale once) without any integer division per group. A training step therefore
 costs two kernel launches whatever the number of target matrices, instead of two per matrix (whose host-side launch
 cost exceeded the GPU work on 7B-sized layers).
 
@@ -44,12 +45,12 @@ from .magic import division_magic
 
 __all__ = ["TritonProxPlan", "prox_2to4_triton_"]
 
-# launch configuration: the fastest of 17 tiles x warps x check intervals on an H200 in two sweeps
-# (benchmarks/prox_kernel.py --sweep, benchmarks/results/prox_kernel_h200.json): a program is two warps solving
-# BLOCK_ROWS rows x BLOCK_COLS groups (two groups per thread)
+# launch configuration: the fastest of 21 tiles x warps x check intervals on an H200 (benchmarks/prox_kernel.py
+# --sweep, benchmarks/results/prox_kernel_h200.json): a program is one warp solving BLOCK_ROWS rows x BLOCK_COLS groups
+# (four groups per thread; one warp reduces without shared memory or barriers)
 BLOCK_ROWS = 4
 BLOCK_COLS = 32
-NUM_WARPS = 2
+NUM_WARPS = 1
 CHECK_EVERY = 4
 # int64 columns of the weight table: pointer, scale pointer, first tile, rows, groups per row, row stride, column
 # stride, λ multiplier (float32 bits), and the multiplier and shift that divide a tile index by the column tiles
@@ -359,25 +360,25 @@ def _solve_tile(
     tile_col = local - tile_row * ((gpr + BLOCK_C - 1) // BLOCK_C).to(tl.int32)
     row = tile_row * BLOCK_R + tl.arange(0, BLOCK_R)
     grp = tile_col * BLOCK_C + tl.arange(0, BLOCK_C)
-    in_range = (row[:, None] < rows) & (grp[None, :] < gpr)  # [rows, groups] of the tile
+    in_range = (grp[:, None] < gpr) & (row[None, :] < rows)  # [groups, rows] of the tile
     j = tl.arange(0, 4)[None, None, :]
-    col = (grp * 4)[None, :, None] + j  # the tile's columns, [1, groups, 4]
+    col = (grp * 4)[:, None, None] + j  # the tile's columns, [groups, 1, 4]
     if UNIT_COL:  # contiguous groups: one vector load per group (row strides are multiples of 4, see the plan)
-        offs = tl.multiple_of(row * stride_row, 4)[:, None, None] + col
+        offs = tl.multiple_of(row * stride_row, 4)[None, :, None] + col
     else:
-        offs = row[:, None, None] * stride_row + col * stride_col
-    mask = tl.broadcast_to(in_range[:, :, None], (BLOCK_R, BLOCK_C, 4))
+        offs = row[None, :, None] * stride_row + col * stride_col
+    mask = tl.broadcast_to(in_range[:, :, None], (BLOCK_C, BLOCK_R, 4))
     raw = tl.load(ptr + offs, mask=mask, other=0.0)
     v = raw.to(tl.float32)
     if SCALED:  # prox in the coordinates W * s (s per column), result times 1 / s on the way out
-        # the plan stores s then 1 / s; loaded in the block's own layout (repeated per row, from cache) so that no
-        # layout conversion through shared memory is needed
+        # the plan stores s then 1 / s; loaded once per group column and broadcast over the tile's rows
         scale_ptr = tl.multiple_of(tl.load(entry + 1).to(tl.pointer_type(tl.float32)), 16)  # the plan's own copy
-        scale_ptr = scale_ptr + tl.broadcast_to(col, (BLOCK_R, BLOCK_C, 4))
-        s = tl.load(scale_ptr, mask=mask, other=1.0)
-        inv_s = tl.load(scale_ptr + 4 * gpr, mask=mask, other=1.0)
+        scale_ptr = scale_ptr + col
+        cmask = (grp < gpr)[:, None, None]
+        s = tl.broadcast_to(tl.load(scale_ptr, mask=cmask, other=1.0), (BLOCK_C, BLOCK_R, 4))
+        inv_s = tl.broadcast_to(tl.load(scale_ptr + 4 * gpr, mask=cmask, other=1.0), (BLOCK_C, BLOCK_R, 4))
         v = v * s
-    evens, odds = tl.split(tl.reshape(v, (BLOCK_R, BLOCK_C, 2, 2)))
+    evens, odds = tl.split(tl.reshape(v, (BLOCK_C, BLOCK_R, 2, 2)))
     v0, v2 = tl.split(evens)
     v1, v3 = tl.split(odds)
     a0 = tl.abs(v0)
@@ -420,7 +421,7 @@ def _solve_tile(
             tl.store(flags + tile, 1)
             write = False
     if write:
-        out = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (BLOCK_R, BLOCK_C, 4))
+        out = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (BLOCK_C, BLOCK_R, 4))
         if SCALED:
             out = out * inv_s
         # restore signs by copying the sign bit of what was read, in the weight's own format (w >= 0, never -0.0):
