@@ -28,7 +28,15 @@ from proxsparse_hf.inference import _max_alg_id, sparse_kernels_available, time_
 from proxsparse_hf.masks import mask_2to4  # noqa: E402
 from proxsparse_hf.outputs import describe_hardware, library_versions  # noqa: E402
 
-SHAPES = {"qkvo": (4096, 4096), "gate_up": (11008, 4096), "down": (4096, 11008)}  # Llama-2-7B (out, in)
+# Llama-2-7B (out, in); the fused siblings (q/k/v, gate/up as one weight) to compare per FLOP with three / two calls
+SHAPES = {
+    "qkvo": (4096, 4096),
+    "gate_up": (11008, 4096),
+    "down": (4096, 11008),
+    "qkv_fused": (12288, 4096),
+    "gate_up_fused": (22016, 4096),
+}
+DEFAULT_SHAPES = ("qkvo", "gate_up", "down")
 CALLS = 40
 
 
@@ -81,8 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[2048, 8192])
     parser.add_argument("--copies", type=int, nargs="+", default=[1], help="weights/inputs the matmuls cycle through")
+    parser.add_argument("--shapes", nargs="+", default=list(DEFAULT_SHAPES), choices=list(SHAPES))
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
+    for flag, values in (("--copies", args.copies), ("--tokens", args.tokens)):
+        if min(values) < 1:
+            parser.error(f"{flag} must be >= 1, got {min(values)}")
     available, reason = sparse_kernels_available("cusparselt")
     if not available:
         print(json.dumps({"skipped": reason}))
@@ -94,9 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         "args": vars(args),
     }
     results = []
-    for copies, (name, (out_features, in_features)), tokens in itertools.product(
-        args.copies, SHAPES.items(), args.tokens
-    ):
+    for copies, name, tokens in itertools.product(args.copies, args.shapes, args.tokens):
+        out_features, in_features = SHAPES[name]
         row = {"copies": copies, "shape": f"{name} {out_features}x{in_features}", "tokens": tokens}
         row.update(sweep(out_features, in_features, tokens, copies))
         print(json.dumps({k: v for k, v in row.items() if not k.startswith("speedup_by")}), flush=True)

@@ -49,5 +49,11 @@ def test_cusparselt_algs_refuses_cleanly_without_sparse_kernels(tmp_path, capsys
     if torch.cuda.is_available():
         pytest.skip("a CUDA machine runs the sweep itself")
     out = tmp_path / "algs.json"
-    assert module.main(["--out", str(out)]) == 1
+    assert module.main(["--out", str(out), "--shapes", "gate_up", "gate_up_fused", "--copies", "8"]) == 1
     assert "skipped" in capsys.readouterr().out and not out.exists()
+    with pytest.raises(SystemExit):  # argparse names the allowed shapes
+        module.main(["--out", str(out), "--shapes", "lm_head"])
+    assert "invalid choice: 'lm_head'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        module.main(["--out", str(out), "--copies", "0"])
+    assert "--copies must be >= 1, got 0" in capsys.readouterr().err
