@@ -1,14 +1,15 @@
 """Every cuSPARSELt algorithm on the Llama-2-7B projection shapes under sustained load, against dense cuBLAS.
 
-``to_sparse_kernels`` picks one algorithm per shape from short bursts of graph replays (``_tune_shape``); this script
-checks that choice where a model spends its prefill: each timing is a CUDA graph of 40 back-to-back matmuls replayed
-3 times (median per matmul), long enough for the GPU to reach the clock its power cap allows. ``--copies N`` cycles
-the 40 matmuls through N different weights and inputs: with N = 1 a 2:4 weight (25 MB for 11008 x 4096) stays in the
-50 MB L2 between calls, which no layer of a model enjoys (every layer has its own weights); N = 8 streams them from
-HBM as a model does. ``--split-k`` also times the best algorithms with cuSPARSELt's split-K (factor, mode). One JSON
-line per (copies, shape, tokens), everything written to ``--out``::
+``to_sparse_kernels`` picks one algorithm per shape and token count from short bursts of graph replays
+(``_tune_shape``); this script checks that choice where a model spends its prefill: each timing is a CUDA graph of 40
+back-to-back matmuls replayed 3 times (median per matmul), long enough for the GPU to reach the clock its power cap
+allows. ``--copies N`` cycles the 40 matmuls through N different weights and inputs: with N = 1 a 2:4 weight (25 MB for
+11008 x 4096) stays in the 50 MB L2 between calls, which no layer of a model enjoys (every layer has its own weights);
+N = 8 streams them from HBM as a model does. ``--shapes`` adds the fused siblings (``qkv_fused`` 12288 x 4096,
+``gate_up_fused`` 22016 x 4096): at 2k tokens gate/up alone is 5.2 waves of 128 x 256 tiles on an H200's 132 SMs,
+fused 10.4. One JSON line per (copies, shape, tokens), everything written to ``--out``::
 
-    python benchmarks/cusparselt_algs.py --copies 1 8 --split-k 2 4 --out benchmarks/results/cusparselt_algs_h200.json
+    python benchmarks/cusparselt_algs.py --copies 8 1 --out benchmarks/results/cusparselt_algs_h200.json
 """
 
 from __future__ import annotations
