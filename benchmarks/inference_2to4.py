@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
-import math
 import shutil
 import signal
 import statistics
@@ -181,10 +181,11 @@ def _median_ms(fn, warmup: int, reps: int) -> float:
     return statistics.median(samples)
 
 
-def prefill_call(model, length: int, mark_step: bool = False):
-    """One prefill of ``length`` random tokens, as a callable; ``mark_step``: tell Inductor's CUDA-graph trees that
-    each call is a new step (needed when the compiled regions are the decoder layers, not the whole model)."""
-    ids = torch.randint(0, 32000, (1, length), device="cuda")
+def prefill_call(model, length: int, mark_step: bool = False, ids: torch.Tensor | None = None):
+    """One prefill of ``length`` random tokens (or of ``ids``), as a callable; ``mark_step``: tell Inductor's CUDA-graph
+    trees that each call is a new step (needed when the compiled regions are the decoder layers, not the whole model)."""
+    if ids is None:
+        ids = torch.randint(0, 32000, (1, length), device="cuda")
 
     def run():
         if mark_step:
@@ -273,7 +274,22 @@ def add_speedups(row: dict, ref: dict) -> None:
             row[key.replace("_ms", "_speedup")] = round(ref[key] / row[key], 3)
 
 
-def _generate_seconds(model, ids: torch.Tensor, new_tokens: int) -> float:
+def _generate_seconds(model, ids: torch.Tensor, new_tokens: int, cache_implementation: str | None = None) -> dict:
+    """Wall seconds of one greedy ``generate`` of exactly ``new_tokens`` tokens: ``"total"``, and ``"decode"`` — the
+    time after the prefill's logits are ready (the ``new_tokens - 1`` decoding steps). ``cache_implementation``:
+    transformers' KV cache (``"static"``: ``generate`` compiles the decoding step, CUDA graphs included)."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class PrefillDone(LogitsProcessor):
+        start: float | None = None
+
+        def __call__(self, input_ids, scores):
+            if self.start is None:
+                torch.cuda.synchronize()
+                self.start = time.perf_counter()
+            return scores
+
+    clock = PrefillDone()
     torch.cuda.synchronize()
     start = time.perf_counter()
     model.generate(
@@ -283,34 +299,85 @@ def _generate_seconds(model, ids: torch.Tensor, new_tokens: int) -> float:
         min_new_tokens=new_tokens,
         do_sample=False,
         pad_token_id=0,
+        logits_processor=LogitsProcessorList([clock]),
+        cache_implementation=cache_implementation,
     )
     torch.cuda.synchronize()
-    return time.perf_counter() - start
+    end = time.perf_counter()
+    return {"total": end - start, "decode": end - clock.start}
+
+
+def _decode_rows(batch: int, new_tokens: int, samples: dict, how: str) -> list[dict]:
+    """Rows of a decode comparison: ``samples`` maps the dense label, then the converted one, to per-round
+    :func:`_generate_seconds` results. Speedups from decoding steps only (``decode_*``) and whole generate calls."""
+    rows = []
+    for label, runs in samples.items():
+        row = {
+            "level": "model",
+            "what": "decode",
+            "how": how,
+            "batch": batch,
+            "new_tokens": new_tokens,
+            "model": label,
+        }
+        row["tokens_per_s"] = round(batch * new_tokens / statistics.median(r["total"] for r in runs), 2)
+        row["decode_tokens_per_s"] = round(batch * (new_tokens - 1) / statistics.median(r["decode"] for r in runs), 2)
+        row["seconds"] = [round(r["total"], 4) for r in runs]
+        row["decode_seconds"] = [round(r["decode"], 4) for r in runs]
+        rows.append(row)
+    dense, converted = samples.values()
+    for key, prefix in (("total", ""), ("decode", "decode_")):
+        speedup = paired_speedup([r[key] for r in dense], [r[key] for r in converted])
+        rows[-1].update({prefix + k: v for k, v in speedup.items()})
+    return rows
 
 
 def decode_ab(model, batches: list[int], new_tokens: int, cache_dir: str, rounds: int = 3) -> list[dict]:
-    """Decode tokens/s of the dense model and of its eager-tuned conversion, interleaved round by round (A, B, A, B...)
-    so that drift of the host or the GPU hits both alike. ``model`` is dense on entry and on exit."""
+    """Eager decode (HF ``generate``, dynamic KV cache) of the dense model and of its eager-tuned conversion,
+    interleaved round by round (A, B, B, A, ...) so that drift of the host or the GPU hits both alike. ``model`` is
+    dense on entry and on exit."""
     rows = []
     for batch in batches:
         ids = torch.randint(1, 32000, (batch, 64), device="cuda")
-        dense_s, sparse_s = [], []
+        samples = {"dense": [], "2:4 dispatch (tuned eager)": []}
         with torch.no_grad():
-            for round_ in range(rounds + 1):  # round 0 warms both up
-                dense = _generate_seconds(model, ids, new_tokens)
-                to_sparse_kernels(model, tune_for="eager", cache_dir=cache_dir)
-                sparse = _generate_seconds(model, ids, new_tokens)
-                to_dense_kernels(model)
+            for round_ in range(rounds + 1):  # round 0 warms both up; the order alternates round by round
+                seconds = {}
+                for sparse in (False, True) if round_ % 2 == 0 else (True, False):
+                    if sparse:
+                        to_sparse_kernels(model, tune_for="eager", cache_dir=cache_dir)
+                    seconds[sparse] = _generate_seconds(model, ids, new_tokens)
+                    if sparse:
+                        to_dense_kernels(model)
                 if round_:
-                    dense_s.append(dense)
-                    sparse_s.append(sparse)
-        for label, samples in (("dense", dense_s), ("2:4 dispatch (tuned eager)", sparse_s)):
-            row = {"level": "model", "what": "decode", "batch": batch, "new_tokens": new_tokens, "model": label}
-            row["tokens_per_s"] = round(batch * new_tokens / statistics.median(samples), 2)
-            row["seconds"] = [round(x, 4) for x in samples]
-            rows.append(row)
-        rows[-1]["speedup"] = round(statistics.median(dense_s) / statistics.median(sparse_s), 3)
-        rows[-1]["speedup_per_round"] = [round(d / c, 3) for d, c in zip(dense_s, sparse_s)]
+                    for (_, runs), sparse in zip(samples.items(), (False, True)):
+                        runs.append(seconds[sparse])
+        rows.extend(_decode_rows(batch, new_tokens, samples, "eager, dynamic cache"))
+    return rows
+
+
+def decode_graphs(layers: int, batches: list[int], new_tokens: int, cache_dir: str, rounds: int) -> list[dict]:
+    """Decode under CUDA graphs: ``generate`` with transformers' static KV cache compiles each decoding step
+    (``torch.compile``, mode ``"reduce-overhead"``), the GPU-bound serving path without eager mode's host noise.
+    The dense model and its graph-tuned conversion are both resident and timed in :func:`interleaved_rounds`."""
+    models = {"dense": build_7b(torch.bfloat16, layers)}
+    converted = build_7b(torch.bfloat16, layers)
+    models["2:4 dispatch (tuned cuda_graph)"] = to_sparse_kernels(
+        converted, tune_for="cuda_graph", cache_dir=cache_dir
+    )
+    rows = []
+    for batch in batches:
+        ids = torch.randint(1, 32000, (batch, 64), device="cuda")
+        with torch.no_grad():
+            measurements = {
+                label: functools.partial(_generate_seconds, model, ids, new_tokens, "static")
+                for label, model in models.items()
+            }
+            for measure in measurements.values():  # compilation and CUDA-graph recording for this batch size
+                measure()
+                measure()
+            samples = interleaved_rounds(measurements, rounds)
+        rows.extend(_decode_rows(batch, new_tokens, samples, "CUDA graphs, static cache"))
     return rows
 
 
@@ -413,61 +480,157 @@ def kernel_breakdown(run, calls: int = 3) -> dict:
     }
 
 
+def interleaved_rounds(measurements: dict, rounds: int) -> dict:
+    """Run every measurement of ``measurements`` (key -> callable returning one result) once per round, ``rounds``
+    rounds, in the given order in even rounds and in reverse in odd ones: the GPU's clock follows its temperature and
+    its 700 W power cap during a 7B prefill, and a configuration timed after another on a warmer GPU, or first on a
+    cool one, would carry that drift into its speedup. Returns each key's per-round results."""
+    keys = list(measurements)
+    results: dict = {key: [] for key in keys}
+    for round_ in range(rounds):
+        for key in keys if round_ % 2 == 0 else keys[::-1]:
+            results[key].append(measurements[key]())
+    return results
+
+
+def paired_speedup(reference_ms: list[float], candidate_ms: list[float]) -> dict:
+    """Speedup of ``candidate`` over ``reference`` from their per-round times of :func:`interleaved_rounds`: the ratio
+    of the medians, every round's own ratio and their range."""
+    if not reference_ms or len(reference_ms) != len(candidate_ms):
+        raise ValueError(f"need the same non-zero number of rounds, got {len(reference_ms)} and {len(candidate_ms)}")
+    per_round = [ref / cand for ref, cand in zip(reference_ms, candidate_ms)]
+    return {
+        "speedup": round(statistics.median(reference_ms) / statistics.median(candidate_ms), 3),
+        "speedup_per_round": [round(x, 3) for x in per_round],
+        "speedup_min_max": [round(min(per_round), 3), round(max(per_round), 3)],
+    }
+
+
+def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
+    """``||value - reference|| / ||reference||`` in float32."""
+    reference = reference.float()
+    return (value.float() - reference).norm().item() / reference.norm().item()
+
+
+def _timed_window(run, calls: int) -> dict:
+    """Median ms of ``calls`` calls of ``run``, with the median SM clock and board power meanwhile."""
+    with gpu_clocks() as clocks:
+        ms = _median_ms(run, 0, calls)
+    return {"ms": round(ms, 3), **{k: v for k, v in clocks.items() if k != "samples"}}
+
+
+def _manual_graph(run):
+    """``run`` captured as one CUDA graph (after a warm-up on a side stream); returns the graph's ``replay``."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    return graph.replay
+
+
 def compiled_prefill(
-    layers: int, lengths: list[int], cache_dir: str, sdpa: list[str], mode: str, profile: bool = False
+    layers: int,
+    lengths: list[int],
+    cache_dir: str,
+    sdpa: list[str],
+    mode: str,
+    profile: bool = False,
+    rounds: int = 6,
+    calls: int = 10,
 ) -> None:
     """Prefill of the dense and the converted (graph-tuned) model with every decoder layer compiled by
     ``torch.compile`` (regional compilation: one compiled block reused by all layers; Inductor fuses the norms, rotary
-    embedding and SiLU-gating that eager mode runs as separate kernels), under each SDPA backend in ``sdpa``; timed
-    eagerly and, unless ``mode`` already runs CUDA graphs (``"reduce-overhead"``: Inductor's CUDA-graph trees), as a
-    manual CUDA-graph replay of the compiled model. ``profile``: add each configuration's GPU time per kernel class
-    (:func:`kernel_breakdown`)."""
-    rows = {}
-    for label in ("dense", "2:4 dispatch (tuned cuda_graph)"):
+    embedding and SiLU-gating that eager mode runs as separate kernels), under each SDPA backend in ``sdpa``.
+
+    Both models are resident and timed in :func:`interleaved_rounds` (``rounds`` rounds, each the median of ``calls``
+    calls): the speedup is the ratio of the median round times, with every round's own ratio. Timed as the model is
+    called (``"eager"``) and, unless ``mode`` already runs CUDA graphs (``"reduce-overhead"``: Inductor's CUDA-graph
+    trees), also as a manual CUDA-graph replay of the compiled model (``"graph"``). Each row also gives the relative
+    error of the last-token logits against the dense model run uncompiled (the dense compiled model's own error is
+    the noise floor). ``profile``: each model's GPU time per kernel class (:func:`kernel_breakdown`)."""
+    labels = ("dense", "2:4 dispatch (tuned cuda_graph)")
+    models, reference = {}, {}
+    for label in labels:
         model = build_7b(torch.bfloat16, layers)
-        if label != "dense":
+        if label == "dense":
+            with torch.no_grad():
+                for length in lengths:
+                    ids = torch.randint(0, 32000, (1, length), device="cuda", generator=_ids_generator(length))
+                    reference[length] = model(input_ids=ids, use_cache=False, logits_to_keep=1).logits.float()
+        else:
             to_sparse_kernels(model, tune_for="cuda_graph", cache_dir=cache_dir)
         for layer in model.model.layers:
             layer.compile(mode=mode)
-        for backend in sdpa:
-            for length in lengths:
-                start = time.perf_counter()
-                with _sdpa_context(backend):
-                    try:
-                        row = prefill(
-                            model,
-                            length,
-                            f"{label}, compiled",
-                            graphs=mode != "reduce-overhead",
-                            warmup=4,
-                            mark_step=mode == "reduce-overhead",
-                        )
-                        if profile:
-                            with torch.no_grad():
-                                call = prefill_call(model, length, mark_step=mode == "reduce-overhead")
-                                row["kernels"] = kernel_breakdown(call)
-                    except Exception as exc:  # noqa: BLE001 - report why this configuration did not run
-                        row = {"level": "model", "what": "prefill", "tokens": length, "error": str(exc)[:300]}
-                row.update(
-                    model=f"{label}, compiled", sdpa=backend, seconds_incl_compile=round(time.perf_counter() - start)
-                )
-                rows[(label, backend, length)] = row
-        del model
-        torch.cuda.empty_cache()
-    for (label, backend, length), row in rows.items():
-        ref = rows.get(("dense", backend, length), {})
-        if label != "dense":
-            add_speedups(row, ref)
-            best_dense = min(ref.get(k, math.inf) for k in ("eager_ms", "graph_ms"))
-            best_sparse = min(row.get(k, math.inf) for k in ("eager_ms", "graph_ms"))
-            if math.isfinite(best_dense) and math.isfinite(best_sparse):
-                row["best_vs_best_dense_speedup"] = round(best_dense / best_sparse, 3)
-        emit(row)
+        models[label] = model
+    mark_step = mode == "reduce-overhead"
+    for backend in sdpa:
+        for length in lengths:
+            ids = torch.randint(0, 32000, (1, length), device="cuda", generator=_ids_generator(length))
+            start = time.perf_counter()
+            rows = {}
+            try:
+                with _sdpa_context(backend), torch.no_grad():
+                    measurements = {}
+                    for label, model in models.items():
+                        run = prefill_call(model, length, mark_step, ids=ids)
+                        for _ in range(4):  # compilation, graph recording and warm-up
+                            logits = run().logits.float()
+                        rows[label] = {
+                            "level": "model",
+                            "what": "prefill",
+                            "tokens": length,
+                            "model": f"{label}, compiled",
+                            "sdpa": backend,
+                            "logits_rel_err_vs_dense_uncompiled": round(relative_error(logits, reference[length]), 5),
+                        }
+                        measurements[(label, "eager")] = functools.partial(_timed_window, run, calls)
+                        if not mark_step:
+                            measurements[(label, "graph")] = functools.partial(
+                                _timed_window, _manual_graph(run), calls
+                            )
+                    timed = interleaved_rounds(measurements, rounds)
+                    for (label, timing), windows in timed.items():
+                        row = rows[label]
+                        row[f"{timing}_ms"] = round(statistics.median(w["ms"] for w in windows), 3)
+                        row[f"{timing}_rounds"] = windows
+                        if label != "dense":
+                            speedup = paired_speedup(
+                                [w["ms"] for w in timed[("dense", timing)]], [w["ms"] for w in windows]
+                            )
+                            row.update({f"{timing}_{k}": v for k, v in speedup.items()})
+                    if profile:
+                        for label, model in models.items():
+                            rows[label]["kernels"] = kernel_breakdown(prefill_call(model, length, mark_step, ids=ids))
+            except Exception as exc:  # noqa: BLE001 - report why this configuration did not run
+                rows = {
+                    "error": {
+                        "level": "model",
+                        "what": "prefill",
+                        "tokens": length,
+                        "sdpa": backend,
+                        "error": str(exc)[:300],
+                    }
+                }
+            for row in rows.values():
+                row["seconds_incl_compile"] = round(time.perf_counter() - start)
+                emit(row)
+            torch.cuda.empty_cache()
+
+
+def _ids_generator(length: int) -> torch.Generator:
+    """The same random prompt of ``length`` tokens for every model and for the uncompiled reference."""
+    return torch.Generator(device="cuda").manual_seed(length)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("all", "gemm", "model", "decode", "compiled"), default="all")
+    parser.add_argument(
+        "--part", choices=("all", "gemm", "model", "decode", "decode-graphs", "compiled"), default="all"
+    )
     parser.add_argument(
         "--sdpa",
         nargs="+",
@@ -483,6 +646,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--profile", action="store_true", help="compiled part: GPU time per kernel class (torch.profiler)"
     )
+    parser.add_argument(
+        "--rounds", type=int, default=6, help="compiled and decode parts: interleaved rounds of dense and 2:4 timings"
+    )
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16"], choices=("bfloat16", "float16"))
     parser.add_argument("--gemm-models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--layers", type=int, default=32, help="decoder layers of the 7B-shaped model")
@@ -492,6 +658,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", default="/tmp/proxsparse_dispatch")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
+    counts = {  # flag: (values, smallest allowed); decode timing needs at least one step after the prefill
+        "--rounds": ([args.rounds], 1),
+        "--layers": ([args.layers], 1),
+        "--prefill": (args.prefill, 1),
+        "--batches": (args.batches, 1),
+        "--new-tokens": ([args.new_tokens], 2),
+    }
+    for flag, (values, smallest) in counts.items():
+        if min(values) < smallest:
+            parser.error(f"{flag} must be >= {smallest}, got {min(values)}")
     if not sparse_kernels_available("cusparselt")[0]:
         print(json.dumps({"skipped": sparse_kernels_available("cusparselt")[1]}))
         return 1
@@ -511,9 +687,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.part in ("all", "model"):
             model_level(args.layers, args.prefill, args.batches, args.new_tokens, args.cache_dir)
         if args.part == "compiled":
-            compiled_prefill(args.layers, args.prefill, args.cache_dir, args.sdpa, args.compile_mode, args.profile)
+            compiled_prefill(
+                args.layers, args.prefill, args.cache_dir, args.sdpa, args.compile_mode, args.profile, args.rounds
+            )
         if args.part == "decode":
-            for row in decode_ab(build_7b(torch.bfloat16, args.layers), args.batches, args.new_tokens, args.cache_dir):
+            model = build_7b(torch.bfloat16, args.layers)
+            for row in decode_ab(model, args.batches, args.new_tokens, args.cache_dir, args.rounds):
+                emit(row)
+        if args.part == "decode-graphs":
+            for row in decode_graphs(args.layers, args.batches, args.new_tokens, args.cache_dir, args.rounds):
                 emit(row)
     finally:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

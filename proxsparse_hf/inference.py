@@ -25,7 +25,9 @@ time on the machines measured), which small matmuls cannot hide. ``min_tokens="a
 above which it wins everywhere (by 3% under CUDA graphs, 10% in eager mode); layers whose kernel never wins stay
 ``nn.Linear``. Results are cached as JSON under ``cache_dir``. ``tune_for="cuda_graph"`` times graph replays instead of
 back-to-back eager calls, for models run under CUDA graphs (``torch.compile(mode="reduce-overhead")`` or a manual
-capture), where the per-call host cost disappears.
+capture), where the per-call host cost disappears; such a layer also gets the eager threshold, which it applies to
+calls that run eagerly (transformers' static-cache ``generate`` compiles only the decoding steps, not the prefill).
+Under ``torch.compile`` the graph threshold applies: compile a graph-tuned model with ``mode="reduce-overhead"``.
 
 Memory: ``mode="speed"`` keeps the dense weight for the fallback next to the compressed one (1.56x the dense weight
 bytes for 16-bit weights); ``mode="memory"`` keeps only the compressed weight (0.56x) and always runs the sparse
@@ -269,8 +271,11 @@ class SparseLinear2to4(nn.Module):
     """A linear layer whose weight is exactly 2:4 along the input dimension, run on sparse tensor cores.
 
     Calls with at least ``min_tokens`` rows (tokens) go to the sparse kernel; smaller ones, autograd-tracked inputs and
-    inputs of another dtype or device go to ``F.linear`` on the dense weight (``mode="speed"``). With ``mode="memory"``
-    only the compressed weight is kept and every call runs the sparse kernel.
+    inputs of another dtype or device go to ``F.linear`` on the dense weight (``mode="speed"``). A layer tuned for CUDA
+    graphs can carry a second threshold, ``eager_min_tokens``, for calls that run eagerly (neither traced by
+    ``torch.compile`` nor captured in a CUDA graph), where torch's per-call cuSPARSELt planning moves the break-even
+    point up: transformers' static-cache ``generate`` compiles only the decoding steps and runs the prefill eagerly.
+    With ``mode="memory"`` only the compressed weight is kept and every call runs the sparse kernel.
 
     Build it with :meth:`from_linear` (or :func:`to_sparse_kernels` for a whole model).
 
@@ -279,6 +284,7 @@ class SparseLinear2to4(nn.Module):
         backend: ``"cusparselt"``, ``"cutlass"``, ``"torchao"`` or ``"dense"`` (no kernel).
         mode: ``"speed"`` or ``"memory"``.
         min_tokens: rows from which the sparse kernel runs (``NEVER`` = always dense, 0 = always sparse).
+        eager_min_tokens: the same for eager calls (equal to ``min_tokens`` unless set apart).
         transposed: True when the layer was a transformers ``Conv1D`` (weight stored ``[in, out]``).
     """
 
@@ -293,6 +299,7 @@ class SparseLinear2to4(nn.Module):
         min_tokens: int,
         mode: str = "speed",
         transposed: bool = False,
+        eager_min_tokens: int | None = None,
     ):
         super().__init__()
         if mode not in MODES:
@@ -309,7 +316,7 @@ class SparseLinear2to4(nn.Module):
         self.backend = kernel.name if kernel is not None else "dense"
         self.weight = weight if mode == "speed" else None
         self.bias = bias
-        self.set_min_tokens(min_tokens)
+        self.set_min_tokens(min_tokens, eager_min_tokens)
 
     # -- construction / conversion ----------------------------------------------------------------------------------
     @classmethod
@@ -322,10 +329,12 @@ class SparseLinear2to4(nn.Module):
         mode: str = "speed",
         alg_id: int | Mapping[int, int] = 0,
         name: str = "",
+        eager_min_tokens: int | None = None,
     ) -> SparseLinear2to4:
         """Wrap an ``nn.Linear`` / ``Conv1D`` whose weight is exactly 2:4 (else ``ValueError`` naming ``name``).
 
         ``alg_id``: the cuSPARSELt algorithm, or ``{tokens: algorithm}`` (the largest key <= a call's rows picks).
+        ``eager_min_tokens``: the threshold of eager calls when it differs from ``min_tokens`` (see the class).
 
         The dense ``weight`` / ``bias`` Parameters are shared, not copied, so :meth:`to_dense_module` is bit-exact.
         """
@@ -344,6 +353,7 @@ class SparseLinear2to4(nn.Module):
             min_tokens=min_tokens,
             mode=mode,
             transposed=transposed,
+            eager_min_tokens=eager_min_tokens,
         )
 
     def to_dense_module(self) -> nn.Module:
@@ -368,17 +378,44 @@ class SparseLinear2to4(nn.Module):
             module.bias = self.bias
         return module
 
-    def set_min_tokens(self, min_tokens: int) -> None:
-        """Change the dispatch threshold (rows of the flattened input from which the sparse kernel runs)."""
-        if not isinstance(min_tokens, int) or isinstance(min_tokens, bool) or min_tokens < 0:
-            raise ValueError(f"`min_tokens`={min_tokens!r} must be an int >= 0.")
+    def set_min_tokens(self, min_tokens: int, eager_min_tokens: int | None = None) -> None:
+        """Change the dispatch threshold (rows of the flattened input from which the sparse kernel runs) and, when it
+        differs, the threshold of eager calls (``None``: the same as ``min_tokens``)."""
+        checked = (
+            {"min_tokens": min_tokens}
+            if eager_min_tokens is None
+            else {
+                "min_tokens": min_tokens,
+                "eager_min_tokens": eager_min_tokens,
+            }
+        )
+        for field_name, value in checked.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"`{field_name}`={value!r} must be an int >= 0.")
+        if eager_min_tokens is None:
+            eager_min_tokens = min_tokens
         if self._kernel is None:
-            min_tokens = NEVER
+            min_tokens = eager_min_tokens = NEVER
         elif self.mode == "memory":
-            min_tokens = 0
-        self.min_tokens = min_tokens
-        # one integer comparison on the decode path: numel < min_tokens * in_features -> dense
-        self._min_numel = min(min_tokens, NEVER) * self.in_features
+            min_tokens = eager_min_tokens = 0
+        self.min_tokens = min(min_tokens, NEVER)
+        self.eager_min_tokens = min(eager_min_tokens, NEVER)
+        # one integer comparison on the decode path: numel < (smaller threshold) * in_features -> dense
+        self._min_numel = min(self.min_tokens, self.eager_min_tokens) * self.in_features
+        self._graph_numel = self.min_tokens * self.in_features
+        self._eager_numel = self.eager_min_tokens * self.in_features
+
+    def wants_sparse(self, tokens: int, in_graph: bool) -> bool:
+        """Whether a call with ``tokens`` rows runs the sparse kernel (before the input's device / dtype / autograd
+        checks): ``in_graph`` for calls traced by ``torch.compile`` or captured in a CUDA graph."""
+        return tokens * self.in_features >= (self._graph_numel if in_graph else self._eager_numel)
+
+    @staticmethod
+    def in_graph() -> bool:
+        """True while ``torch.compile`` traces the call or a CUDA graph captures it (no per-call host cost later)."""
+        return torch.compiler.is_compiling() or (
+            torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+        )
 
     # -- forward ----------------------------------------------------------------------------------------------------
     def _dense(self, x: torch.Tensor) -> torch.Tensor:
@@ -408,7 +445,11 @@ class SparseLinear2to4(nn.Module):
         return self._kernel.weight.dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() < self._min_numel:  # the decode path: as cheap as nn.Linear's own forward
+        # the decode path: below both thresholds, as cheap as nn.Linear's own forward
+        if x.numel() < self._min_numel or (
+            self._graph_numel != self._eager_numel
+            and x.numel() < (self._graph_numel if self.in_graph() else self._eager_numel)
+        ):
             if self.transposed:
                 return self._dense(x)
             return F.linear(x, self.weight, self.bias)
@@ -425,10 +466,15 @@ class SparseLinear2to4(nn.Module):
         return self._sparse(x)
 
     def extra_repr(self) -> str:
-        threshold = "never" if self.min_tokens >= NEVER else str(self.min_tokens)
+        def shown(tokens: int) -> str:
+            return "never" if tokens >= NEVER else str(tokens)
+
+        eager = (
+            f", eager_min_tokens={shown(self.eager_min_tokens)}" if self.eager_min_tokens != self.min_tokens else ""
+        )
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"backend={self.backend}, mode={self.mode}, min_tokens={threshold}"
+            f"backend={self.backend}, mode={self.mode}, min_tokens={shown(self.min_tokens)}{eager}"
         )
 
     @property
@@ -703,7 +749,8 @@ def to_sparse_kernels(
             (always sparse). Speed mode only; memory mode always runs sparse.
         mode: ``"speed"`` (keep the dense weight for the small-M fallback) or ``"memory"`` (compressed weight only).
         tune_for: ``"eager"`` (time back-to-back calls, host launch cost included) or ``"cuda_graph"`` (time graph
-            replays; use when the model runs under CUDA graphs).
+            replays; use when the model runs under CUDA graphs). With ``"cuda_graph"`` and ``min_tokens="auto"`` the
+            eager thresholds are measured too and used for calls that run eagerly (``eager_min_tokens``).
         cache_dir: where the measured dispatch is cached (default :func:`default_cache_dir`).
         config: optional ``ProxSparseConfig`` giving ``target_modules`` / ``exclude_modules``.
 
@@ -744,35 +791,21 @@ def to_sparse_kernels(
         module = target.module
         layer_backend = resolved
         grouped = target.grouped(module.weight.detach())
-        out_features, in_features = grouped.shape
         if layer_backend != "dense":
             reason = _unsupported_reason(layer_backend, grouped, device)
             if reason:
                 logger.warning("Layer `%s` keeps a dense matmul: %s.", target.name, reason)
                 skipped += 1
                 continue
-        alg_id, threshold = 0, NEVER
+        alg_id, threshold, eager_threshold = 0, NEVER, None
         if layer_backend != "dense":
-            key = cache.key(layer_backend, grouped.dtype, out_features, in_features, tune_for)
-            entry = cache.get(key)
-            if entry is None:
-                with torch.no_grad():
-                    entry = _tune_shape(layer_backend, grouped, tune_for, TUNE_BUCKETS, select_alg=True)
-                cache.put(key, entry)
-                logger.info(
-                    "2:4 dispatch for %s %s %dx%d: alg %s, sparse from %s tokens (dense ms %s, sparse ms %s)",
-                    layer_backend,
-                    grouped.dtype,
-                    out_features,
-                    in_features,
-                    entry.algorithms(),
-                    "never" if entry.min_tokens >= NEVER else entry.min_tokens,
-                    entry.dense_ms,
-                    entry.sparse_ms,
-                )
+            entry = _dispatch_entry(cache, layer_backend, grouped, tune_for)
             alg_id = entry.algorithms()
             if min_tokens == "auto":
                 threshold = entry.min_tokens
+                if tune_for == "cuda_graph" and mode == "speed" and threshold < NEVER:
+                    # eager calls of a graph-tuned model (an eager prefill) keep the eager break-even point
+                    eager_threshold = _dispatch_entry(cache, layer_backend, grouped, "eager").min_tokens
             elif min_tokens is None:
                 threshold = 0
             else:
@@ -792,6 +825,7 @@ def to_sparse_kernels(
                 mode=mode if layer_backend != "dense" else "speed",
                 alg_id=alg_id,
                 name=target.name,
+                eager_min_tokens=eager_threshold,
             )
         _set_submodule(model, target.name, new)
         converted += 1
@@ -811,6 +845,30 @@ def to_sparse_kernels(
     )
 
     return model
+
+
+def _dispatch_entry(cache: _DispatchCache, backend: str, grouped: torch.Tensor, tune_for: str) -> DispatchEntry:
+    """The cached dispatch of ``grouped``'s (backend, dtype, shape) for ``tune_for``, measured and cached if absent."""
+    out_features, in_features = grouped.shape
+    key = cache.key(backend, grouped.dtype, out_features, in_features, tune_for)
+    entry = cache.get(key)
+    if entry is None:
+        with torch.no_grad():
+            entry = _tune_shape(backend, grouped, tune_for, TUNE_BUCKETS, select_alg=True)
+        cache.put(key, entry)
+        logger.info(
+            "2:4 dispatch for %s %s %dx%d (%s): alg %s, sparse from %s tokens (dense ms %s, sparse ms %s)",
+            backend,
+            grouped.dtype,
+            out_features,
+            in_features,
+            tune_for,
+            entry.algorithms(),
+            "never" if entry.min_tokens >= NEVER else entry.min_tokens,
+            entry.dense_ms,
+            entry.sparse_ms,
+        )
+    return entry
 
 
 def _unsupported_reason(backend: str, grouped: torch.Tensor, device: torch.device) -> str:

@@ -197,6 +197,60 @@ def test_dispatch_uses_dense_below_threshold_and_kernel_above():
     assert "min_tokens=never" in repr(layer)
 
 
+def _fake_kernel_layer(min_tokens: int, eager_min_tokens: int | None = None, mode: str = "speed"):
+    class FakeKernel:
+        name = "fake"
+        nbytes = 36
+        weight = torch.empty(0, dtype=torch.float32)
+
+    linear = nn.Linear(16, 8, bias=False)
+    return SparseLinear2to4(
+        linear.weight,
+        None,
+        in_features=16,
+        out_features=8,
+        kernel=FakeKernel(),
+        min_tokens=min_tokens,
+        mode=mode,
+        eager_min_tokens=eager_min_tokens,
+    )
+
+
+def test_graph_and_eager_thresholds_apply_to_their_own_calls():
+    layer = _fake_kernel_layer(64, eager_min_tokens=4096)
+    assert (layer.min_tokens, layer.eager_min_tokens) == (64, 4096)
+    assert not layer.wants_sparse(63, in_graph=True) and layer.wants_sparse(64, in_graph=True)
+    assert not layer.wants_sparse(4095, in_graph=False) and layer.wants_sparse(4096, in_graph=False)
+    assert "min_tokens=64, eager_min_tokens=4096" in repr(layer)
+    # an eager threshold below the graph one is honoured too
+    layer.set_min_tokens(512, eager_min_tokens=128)
+    assert layer.wants_sparse(128, in_graph=False) and not layer.wants_sparse(128, in_graph=True)
+    # one threshold for both unless told otherwise; repr then shows one
+    layer.set_min_tokens(256)
+    assert layer.eager_min_tokens == 256 and "eager_min_tokens" not in repr(layer)
+    layer.set_min_tokens(256, eager_min_tokens=NEVER)
+    assert not layer.wants_sparse(1 << 40, in_graph=False) and "eager_min_tokens=never" in repr(layer)
+    with pytest.raises(ValueError, match=r"`eager_min_tokens`=-1 must be an int >= 0"):
+        layer.set_min_tokens(256, eager_min_tokens=-1)
+    with pytest.raises(ValueError, match=r"`eager_min_tokens`=True must be an int >= 0"):
+        layer.set_min_tokens(256, eager_min_tokens=True)
+    # memory mode always runs sparse; no kernel always dense
+    memory = _fake_kernel_layer(64, eager_min_tokens=4096, mode="memory")
+    assert (memory.min_tokens, memory.eager_min_tokens) == (0, 0)
+    zeros = nn.Linear(16, 8)
+    nn.init.zeros_(zeros.weight)
+    dense = SparseLinear2to4.from_linear(zeros, backend="dense")
+    assert dense.min_tokens == dense.eager_min_tokens == NEVER
+
+
+def test_in_graph_is_true_only_while_compiling():
+    def branch(x):
+        return x + 1 if SparseLinear2to4.in_graph() else x - 1
+
+    assert branch(torch.zeros(1)).item() == -1
+    assert torch.compile(branch, backend="eager", fullgraph=True)(torch.zeros(1)).item() == 1
+
+
 def test_sparse_weight_memory_counts_dense_layers():
     model = _pruned()
     to_sparse_kernels(model, backend="dense")

@@ -12,7 +12,9 @@ from torch import nn
 
 from proxsparse_hf.inference import (
     NEVER,
+    DispatchEntry,
     SparseLinear2to4,
+    _DispatchCache,
     fp16_cusparselt_blocked,
     sparse_kernels_available,
     sparse_weight_memory,
@@ -148,6 +150,44 @@ def test_auto_dispatch_is_measured_cached_and_decode_stays_dense(tmp_path):
     to_dense_kernels(model)
     to_sparse_kernels(model, cache_dir=tmp_path)
     assert json.loads(next(tmp_path.glob("sparse_dispatch_*.json")).read_text()) == cache
+
+
+def test_graph_tuned_layer_keeps_eager_calls_on_the_eager_threshold(tmp_path):
+    linear = nn.Linear(256, 512, bias=False, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        linear.weight.mul_(mask_2to4(linear.weight))
+    cache = _DispatchCache(tmp_path, torch.device("cuda"))
+    for tune_for, threshold in (("cuda_graph", 16), ("eager", NEVER)):  # as measured: eager never wins
+        cache.put(cache.key("cusparselt", torch.bfloat16, 512, 256, tune_for), DispatchEntry(min_tokens=threshold))
+    cache.save()
+    model = nn.Sequential(nn.ModuleList([nn.Sequential(linear)]))
+    to_sparse_kernels(model, tune_for="cuda_graph", cache_dir=tmp_path)
+    layer = model[0][0][0]
+    assert (layer.min_tokens, layer.eager_min_tokens) == (16, NEVER)
+    rows, kernel_mm = [], layer._kernel.mm
+
+    def counted(x2d, bias):
+        rows.append(x2d.shape[0])
+        return kernel_mm(x2d, bias)
+
+    layer._kernel.mm = counted
+    x = torch.randn(2, 32, 256, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(layer(x), linear(x)) and rows == []  # eager: dense
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            layer(x)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = layer(x)
+        assert rows == [64]  # captured: sparse
+        graph.replay()
+        torch.cuda.synchronize()
+        assert _rel(captured, linear(x)) < 1e-2
+        compiled = torch.compile(layer)(x)  # traced: sparse
+        assert rows[-1] == 64 and len(rows) >= 2 and _rel(compiled, linear(x)) < 1e-2
 
 
 def test_blocked_fp16_stays_dense(tmp_path, caplog):
