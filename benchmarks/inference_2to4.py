@@ -235,6 +235,19 @@ def gpu_clocks(interval_ms: int = 20):
         result.update(parse_gpu_samples(proc.communicate()[0]))
 
 
+def _manual_graph(run):
+    """``run`` captured as one CUDA graph (after a warm-up on a side stream); returns the graph's ``replay``."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    return graph.replay
+
+
 def prefill(model, length: int, label: str, graphs: bool, warmup: int = 2, mark_step: bool = False) -> dict:
     """Prefill latency of :func:`prefill_call`, eager and (``graphs``) as a CUDA-graph replay; with the median SM
     clock and power during the eager timing (:func:`gpu_clocks`)."""
@@ -251,16 +264,9 @@ def prefill(model, length: int, label: str, graphs: bool, warmup: int = 2, mark_
         out["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         if graphs:
             try:
-                stream = torch.cuda.Stream()
-                stream.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(stream):
-                    run()
-                torch.cuda.current_stream().wait_stream(stream)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    run()
-                out["graph_ms"] = round(_median_ms(graph.replay, 2, 5), 3)
-                del graph
+                replay = _manual_graph(run)
+                out["graph_ms"] = round(_median_ms(replay, 2, 5), 3)
+                del replay
             except Exception as exc:  # noqa: BLE001 - report why graphs did not work
                 out["graph_error"] = str(exc)[:300]
     torch.cuda.empty_cache()
@@ -517,19 +523,6 @@ def _timed_window(run, calls: int) -> dict:
     with gpu_clocks() as clocks:
         ms = _median_ms(run, 0, calls)
     return {"ms": round(ms, 3), **{k: v for k, v in clocks.items() if k != "samples"}}
-
-
-def _manual_graph(run):
-    """``run`` captured as one CUDA graph (after a warm-up on a side stream); returns the graph's ``replay``."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        run()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run()
-    return graph.replay
 
 
 def compiled_prefill(

@@ -47,6 +47,19 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
+def _captured(call):
+    """``call()`` captured in a CUDA graph after a warm-up on a side stream: the graph and the captured output."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        output = call()
+    return graph, output
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
 def test_logits_match_dense_masked_model(dtype, tmp_path):
     _skip_blocked_fp16(dtype)
@@ -99,14 +112,7 @@ def test_cuda_graph_capture_and_bias(tmp_path):
     with torch.no_grad():
         eager = layer(x)
         assert _rel(eager, linear(x)) < 1e-2
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            layer(x)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            captured = layer(x)
+        graph, captured = _captured(lambda: layer(x))
         x.copy_(torch.randn_like(x))
         graph.replay()
         torch.cuda.synchronize()
@@ -174,14 +180,7 @@ def test_graph_tuned_layer_keeps_eager_calls_on_the_eager_threshold(tmp_path):
     x = torch.randn(2, 32, 256, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
         assert torch.equal(layer(x), linear(x)) and rows == []  # eager: dense
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            layer(x)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            captured = layer(x)
+        graph, captured = _captured(lambda: layer(x))
         assert rows == [64]  # captured: sparse
         graph.replay()
         torch.cuda.synchronize()
