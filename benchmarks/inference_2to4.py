@@ -342,22 +342,23 @@ def decode_ab(model, batches: list[int], new_tokens: int, cache_dir: str, rounds
     """Eager decode (HF ``generate``, dynamic KV cache) of the dense model and of its eager-tuned conversion,
     interleaved round by round (A, B, B, A, ...) so that drift of the host or the GPU hits both alike. ``model`` is
     dense on entry and on exit."""
+
+    def converted(ids: torch.Tensor) -> dict:
+        to_sparse_kernels(model, tune_for="eager", cache_dir=cache_dir)
+        try:
+            return _generate_seconds(model, ids, new_tokens)
+        finally:
+            to_dense_kernels(model)
+
     rows = []
     for batch in batches:
         ids = torch.randint(1, 32000, (batch, 64), device="cuda")
-        samples = {"dense": [], "2:4 dispatch (tuned eager)": []}
+        measurements = {
+            "dense": functools.partial(_generate_seconds, model, ids, new_tokens),
+            "2:4 dispatch (tuned eager)": functools.partial(converted, ids),
+        }
         with torch.no_grad():
-            for round_ in range(rounds + 1):  # round 0 warms both up; the order alternates round by round
-                seconds = {}
-                for sparse in (False, True) if round_ % 2 == 0 else (True, False):
-                    if sparse:
-                        to_sparse_kernels(model, tune_for="eager", cache_dir=cache_dir)
-                    seconds[sparse] = _generate_seconds(model, ids, new_tokens)
-                    if sparse:
-                        to_dense_kernels(model)
-                if round_:
-                    for (_, runs), sparse in zip(samples.items(), (False, True)):
-                        runs.append(seconds[sparse])
+            samples = _warm_then_interleave(measurements, rounds, warmups=1)
         rows.extend(_decode_rows(batch, new_tokens, samples, "eager, dynamic cache"))
     return rows
 
@@ -374,15 +375,12 @@ def decode_graphs(layers: int, batches: list[int], new_tokens: int, cache_dir: s
     rows = []
     for batch in batches:
         ids = torch.randint(1, 32000, (batch, 64), device="cuda")
-        with torch.no_grad():
-            measurements = {
-                label: functools.partial(_generate_seconds, model, ids, new_tokens, "static")
-                for label, model in models.items()
-            }
-            for measure in measurements.values():  # compilation and CUDA-graph recording for this batch size
-                measure()
-                measure()
-            samples = interleaved_rounds(measurements, rounds)
+        measurements = {
+            label: functools.partial(_generate_seconds, model, ids, new_tokens, "static")
+            for label, model in models.items()
+        }
+        with torch.no_grad():  # two warm-ups: compilation and CUDA-graph recording for this batch size
+            samples = _warm_then_interleave(measurements, rounds, warmups=2)
         rows.extend(_decode_rows(batch, new_tokens, samples, "CUDA graphs, static cache"))
     return rows
 
@@ -499,6 +497,14 @@ def interleaved_rounds(measurements: dict, rounds: int) -> dict:
     return results
 
 
+def _warm_then_interleave(measurements: dict, rounds: int, warmups: int) -> dict:
+    """Each measurement ``warmups`` times untimed, in order, then :func:`interleaved_rounds`."""
+    for measure in measurements.values():
+        for _ in range(warmups):
+            measure()
+    return interleaved_rounds(measurements, rounds)
+
+
 def paired_speedup(reference_ms: list[float], candidate_ms: list[float]) -> dict:
     """Speedup of ``candidate`` over ``reference`` from their per-round times of :func:`interleaved_rounds`: the ratio
     of the medians, every round's own ratio and their range."""
@@ -546,13 +552,19 @@ def compiled_prefill(
     error of the last-token logits against the dense model run uncompiled (the dense compiled model's own error is
     the noise floor). ``profile``: each model's GPU time per kernel class (:func:`kernel_breakdown`)."""
     labels = ("dense", "2:4 dispatch (tuned cuda_graph)")
+    # one random prompt per length, for every model and for the uncompiled reference
+    prompts = {
+        length: torch.randint(
+            0, 32000, (1, length), device="cuda", generator=torch.Generator("cuda").manual_seed(length)
+        )
+        for length in lengths
+    }
     models, reference = {}, {}
     for label in labels:
         model = build_7b(torch.bfloat16, layers)
         if label == "dense":
             with torch.no_grad():
-                for length in lengths:
-                    ids = torch.randint(0, 32000, (1, length), device="cuda", generator=_ids_generator(length))
+                for length, ids in prompts.items():
                     reference[length] = model(input_ids=ids, use_cache=False, logits_to_keep=1).logits.float()
         else:
             to_sparse_kernels(model, tune_for="cuda_graph", cache_dir=cache_dir)
@@ -561,8 +573,7 @@ def compiled_prefill(
         models[label] = model
     mark_step = mode == "reduce-overhead"
     for backend in sdpa:
-        for length in lengths:
-            ids = torch.randint(0, 32000, (1, length), device="cuda", generator=_ids_generator(length))
+        for length, ids in prompts.items():
             start = time.perf_counter()
             rows = {}
             try:
@@ -612,11 +623,6 @@ def compiled_prefill(
                 row["seconds_incl_compile"] = round(time.perf_counter() - start)
                 emit(row)
             torch.cuda.empty_cache()
-
-
-def _ids_generator(length: int) -> torch.Generator:
-    """The same random prompt of ``length`` tokens for every model and for the uncompiled reference."""
-    return torch.Generator(device="cuda").manual_seed(length)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -381,19 +381,11 @@ class SparseLinear2to4(nn.Module):
     def set_min_tokens(self, min_tokens: int, eager_min_tokens: int | None = None) -> None:
         """Change the dispatch threshold (rows of the flattened input from which the sparse kernel runs) and, when it
         differs, the threshold of eager calls (``None``: the same as ``min_tokens``)."""
-        checked = (
-            {"min_tokens": min_tokens}
-            if eager_min_tokens is None
-            else {
-                "min_tokens": min_tokens,
-                "eager_min_tokens": eager_min_tokens,
-            }
-        )
-        for field_name, value in checked.items():
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"`{field_name}`={value!r} must be an int >= 0.")
         if eager_min_tokens is None:
             eager_min_tokens = min_tokens
+        for field_name, value in (("min_tokens", min_tokens), ("eager_min_tokens", eager_min_tokens)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"`{field_name}`={value!r} must be an int >= 0.")
         if self._kernel is None:
             min_tokens = eager_min_tokens = NEVER
         elif self.mode == "memory":
@@ -448,7 +440,7 @@ class SparseLinear2to4(nn.Module):
         # the decode path: below both thresholds, as cheap as nn.Linear's own forward
         if x.numel() < self._min_numel or (
             self._graph_numel != self._eager_numel
-            and x.numel() < (self._graph_numel if self.in_graph() else self._eager_numel)
+            and not self.wants_sparse(x.numel() // self.in_features, self.in_graph())
         ):
             if self.transposed:
                 return self._dense(x)

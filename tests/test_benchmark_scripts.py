@@ -76,6 +76,18 @@ def test_interleaved_rounds_alternate_the_order_every_round():
     assert results == {"dense": [1, 4, 5], "sparse": [2, 3, 6]}
 
 
+def test_warm_then_interleave_runs_the_warm_ups_first_and_drops_them():
+    calls = []
+
+    def measure(key):
+        return lambda: calls.append(key) or len(calls)
+
+    module = _load("inference_2to4")
+    results = module._warm_then_interleave({"a": measure("a"), "b": measure("b")}, rounds=2, warmups=2)
+    assert calls == ["a", "a", "b", "b", "a", "b", "b", "a"]
+    assert results == {"a": [5, 8], "b": [6, 7]}
+
+
 def test_paired_speedup_is_the_ratio_of_median_round_times_with_every_round_ratio():
     paired = _load("inference_2to4").paired_speedup
     result = paired([10.0, 12.0, 11.0], [8.0, 8.0, 10.0])

@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 from tiny_models import tiny_model
 from torch import nn
 
@@ -166,7 +167,9 @@ def test_threshold_takes_smallest_bucket_from_which_sparse_always_wins():
     assert _threshold(buckets, [1, 1, 1, 1], [0.5, 0.5, 0.5, 0.99], 0.03) == NEVER  # within the margin: dense
 
 
-def test_dispatch_uses_dense_below_threshold_and_kernel_above():
+def _fake_kernel_layer(min_tokens: int, eager_min_tokens: int | None = None, mode: str = "speed"):
+    """A 16 -> 8 ``SparseLinear2to4`` over a stand-in kernel that counts its calls (``layer._kernel.calls``)."""
+
     class FakeKernel:
         name = "fake"
         nbytes = 36
@@ -179,30 +182,6 @@ def test_dispatch_uses_dense_below_threshold_and_kernel_above():
             self.calls += 1
             return torch.zeros(x2d.shape[0], 8)
 
-    kernel = FakeKernel()
-    linear = nn.Linear(16, 8, bias=False)
-    layer = SparseLinear2to4(
-        linear.weight, None, in_features=16, out_features=8, kernel=kernel, min_tokens=32, mode="speed"
-    )
-    x_small = torch.randn(2, 15, 16)  # 30 tokens
-    x_large = torch.randn(4, 8, 16)  # 32 tokens
-    with torch.no_grad():
-        torch.testing.assert_close(layer(x_small), linear(x_small))
-        assert kernel.calls == 0
-        # CPU inputs never reach the kernel in speed mode, even above the threshold
-        torch.testing.assert_close(layer(x_large), linear(x_large))
-        assert kernel.calls == 0
-    assert "min_tokens=32" in repr(layer) and "backend=fake" in repr(layer)
-    layer.set_min_tokens(NEVER)
-    assert "min_tokens=never" in repr(layer)
-
-
-def _fake_kernel_layer(min_tokens: int, eager_min_tokens: int | None = None, mode: str = "speed"):
-    class FakeKernel:
-        name = "fake"
-        nbytes = 36
-        weight = torch.empty(0, dtype=torch.float32)
-
     linear = nn.Linear(16, 8, bias=False)
     return SparseLinear2to4(
         linear.weight,
@@ -214,6 +193,26 @@ def _fake_kernel_layer(min_tokens: int, eager_min_tokens: int | None = None, mod
         mode=mode,
         eager_min_tokens=eager_min_tokens,
     )
+
+
+def test_dispatch_uses_dense_below_threshold_and_kernel_above():
+    layer = _fake_kernel_layer(32)
+    kernel = layer._kernel
+
+    def linear(x):
+        return F.linear(x, layer.weight)
+
+    x_small = torch.randn(2, 15, 16)  # 30 tokens
+    x_large = torch.randn(4, 8, 16)  # 32 tokens
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x_small), linear(x_small))
+        assert kernel.calls == 0
+        # CPU inputs never reach the kernel in speed mode, even above the threshold
+        torch.testing.assert_close(layer(x_large), linear(x_large))
+        assert kernel.calls == 0
+    assert "min_tokens=32" in repr(layer) and "backend=fake" in repr(layer)
+    layer.set_min_tokens(NEVER)
+    assert "min_tokens=never" in repr(layer)
 
 
 def test_graph_and_eager_thresholds_apply_to_their_own_calls():
