@@ -25,9 +25,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from proxsparse_hf.inference import _max_alg_id, sparse_kernels_available, time_ms  # noqa: E402
+from proxsparse_hf.artefacts.output_dir import describe_hardware, library_versions  # noqa: E402
+from proxsparse_hf.inference.convert import _max_alg_id, sparse_kernels_available, time_ms  # noqa: E402
 from proxsparse_hf.masks import mask_2to4  # noqa: E402
-from proxsparse_hf.outputs import describe_hardware, library_versions  # noqa: E402
 
 # Llama-2-7B (out, in); the fused siblings (q/k/v, gate/up as one weight) to compare per FLOP with three / two calls
 SHAPES = {

@@ -42,7 +42,7 @@ def _model(name: str):
         with torch.device("cuda"):
             model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
         return model, config.vocab_size
-    from proxsparse_hf.modeling import load_model_and_tokenizer
+    from proxsparse_hf.loading import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(name, dtype="float32")
     return model.cuda(), len(tokenizer)
@@ -53,7 +53,7 @@ def run(args) -> None:
     from safetensors.torch import save_file
 
     from proxsparse_hf import ProxSparseConfig
-    from proxsparse_hf.learner import MaskLearner
+    from proxsparse_hf.learning.learner import MaskLearner
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from proxsparse_hf.inference import (  # noqa: E402
+from proxsparse_hf.artefacts.output_dir import describe_hardware, library_versions  # noqa: E402
+from proxsparse_hf.inference.convert import (  # noqa: E402
     SparseLinear2to4,
     _build_kernel,
     _DispatchCache,
@@ -40,7 +41,6 @@ from proxsparse_hf.inference import (  # noqa: E402
     to_sparse_kernels,
 )
 from proxsparse_hf.masks import mask_2to4  # noqa: E402
-from proxsparse_hf.outputs import describe_hardware, library_versions  # noqa: E402
 
 SHAPES = {  # (out_features, in_features) of the distinct projections
     "llama2-7b": {"qkvo": (4096, 4096), "gate_up": (11008, 4096), "down": (4096, 11008)},

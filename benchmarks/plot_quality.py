@@ -15,7 +15,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from proxsparse_hf.telemetry import plot_telemetry  # noqa: E402
+from proxsparse_hf.evaluation.telemetry import plot_telemetry  # noqa: E402
 
 
 def plot_perplexity(result: dict, path: str) -> str:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from proxsparse_hf.prox import DEFAULT_MAX_ITER, DEFAULT_TOL, Prox2to4Batch, prox_2to4_
+from proxsparse_hf.learning.prox import DEFAULT_MAX_ITER, DEFAULT_TOL, Prox2to4Batch, prox_2to4_
 
 # the library's solver defaults (what ProxSparseConfig uses), for the kernel calls timed here
 SOLVER = {"max_iter": DEFAULT_MAX_ITER, "tol": DEFAULT_TOL}

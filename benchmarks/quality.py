@@ -8,7 +8,7 @@ run as it finishes::
     python benchmarks/quality.py benchmarks/configs/quality_smollm2.json --output benchmarks/results/quality_smollm2.json
 
 ``--runs a,b`` selects runs by name; ``--max-steps``/``--max-windows`` shrink a run for a smoke test on CPU;
-``--save-masks DIR`` writes each mask-only run as a mask adapter (``proxsparse_hf.export.save_mask_adapter``, 4 bits per
+``--save-masks DIR`` writes each mask-only run as a mask adapter (``proxsparse_hf.artefacts.export.save_mask_adapter``, 4 bits per
 group) to ``DIR/<run>/`` so the same masks can be evaluated elsewhere (e.g. zero-shot on a machine with lm-eval).
 """
 
@@ -29,14 +29,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from proxsparse_hf import ProxSparseConfig, sparsity_report  # noqa: E402
-from proxsparse_hf.baselines import prune  # noqa: E402
+from proxsparse_hf.artefacts.export import save_mask_adapter  # noqa: E402
+from proxsparse_hf.artefacts.output_dir import describe_hardware, library_versions  # noqa: E402
 from proxsparse_hf.data import load_calibration_data, load_texts, tokenize_windows  # noqa: E402
 from proxsparse_hf.evaluation import resolve_dataset  # noqa: E402
 from proxsparse_hf.evaluation.perplexity import window_nll  # noqa: E402
-from proxsparse_hf.export import save_mask_adapter  # noqa: E402
-from proxsparse_hf.learn import learn_mask  # noqa: E402
-from proxsparse_hf.modeling import load_model_and_tokenizer  # noqa: E402
-from proxsparse_hf.outputs import describe_hardware, library_versions  # noqa: E402
+from proxsparse_hf.learning.trainer import learn_mask  # noqa: E402
+from proxsparse_hf.loading import load_model_and_tokenizer  # noqa: E402
+from proxsparse_hf.pruners import prune  # noqa: E402
 
 logger = logging.getLogger("quality")
 

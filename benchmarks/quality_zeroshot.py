@@ -21,11 +21,11 @@ import time
 from quality import _resolve, experiment_calibration  # the same model / data as the perplexity benchmark
 
 from proxsparse_hf import ProxSparseConfig
-from proxsparse_hf.baselines import prune
+from proxsparse_hf.artefacts.export import apply_proxsparse
+from proxsparse_hf.artefacts.output_dir import describe_hardware, library_versions
 from proxsparse_hf.evaluation.zeroshot import zeroshot_eval
-from proxsparse_hf.export import apply_proxsparse
-from proxsparse_hf.modeling import load_model_and_tokenizer
-from proxsparse_hf.outputs import describe_hardware, library_versions
+from proxsparse_hf.loading import load_model_and_tokenizer
+from proxsparse_hf.pruners import prune
 
 TASKS = ("piqa", "arc_easy", "arc_challenge", "boolq", "winogrande", "openbookqa")
 

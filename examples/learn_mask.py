@@ -18,11 +18,11 @@ import time
 from transformers import Trainer, TrainingArguments, default_data_collator
 
 from proxsparse_hf import ProxSparseConfig
+from proxsparse_hf.artefacts.output_dir import save_pruned_output
 from proxsparse_hf.config import recipe_learning_rate
 from proxsparse_hf.data import load_calibration_data
-from proxsparse_hf.learn import warmup_arguments
-from proxsparse_hf.modeling import load_model_and_tokenizer
-from proxsparse_hf.outputs import save_pruned_output
+from proxsparse_hf.learning.trainer import warmup_arguments
+from proxsparse_hf.loading import load_model_and_tokenizer
 from trainer_callbacks import ProxSparseCallback
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

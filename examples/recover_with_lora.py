@@ -103,12 +103,12 @@ def sparsity_summary(model, masks) -> dict:
 def main(argv: list[str] | None = None) -> int:
     from peft import LoraConfig, get_peft_model
 
+    from proxsparse_hf.artefacts.output_dir import load_output_dir, save_pruned_output
     from proxsparse_hf.config import ProxSparseConfig
     from proxsparse_hf.data import load_calibration_data
     from proxsparse_hf.evaluation.perplexity import perplexity
+    from proxsparse_hf.loading import load_model_and_tokenizer
     from proxsparse_hf.masks import apply_2to4_masks, extract_2to4_masks
-    from proxsparse_hf.modeling import load_model_and_tokenizer
-    from proxsparse_hf.outputs import load_output_dir, save_pruned_output
     from proxsparse_hf.sparse_lora import get_sparse_peft_model, merge_sparse, sparse_lora_masks
 
     args = parse_args(argv)

@@ -1,1 +1,1 @@
-"""Jinja templates of the model cards written by :mod:`proxsparse_hf.card` (shipped as package data)."""
+"""Jinja templates of the model cards written by :mod:`proxsparse_hf.hub.card` (shipped as package data)."""

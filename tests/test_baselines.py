@@ -8,11 +8,11 @@ from conftest import C4_VALIDATION
 from tiny_models import FAMILIES, random_windows, tiny_model
 from torch import nn
 
-from proxsparse_hf.baselines import BASELINE_METHODS, prune, sparsegpt_2to4, wanda_mask, wanda_scores
-from proxsparse_hf.baselines.capture import CalibrationBatches, _call_block, capture_block_inputs, find_decoder_blocks
 from proxsparse_hf.config import ProxSparseConfig
 from proxsparse_hf.data import TokenWindows
 from proxsparse_hf.masks import extract_2to4_masks, is_2to4, mask_2to4
+from proxsparse_hf.pruners import BASELINE_METHODS, prune, sparsegpt_2to4, wanda_mask, wanda_scores
+from proxsparse_hf.pruners.capture import CalibrationBatches, _call_block, capture_block_inputs, find_decoder_blocks
 from proxsparse_hf.targets import find_targets
 
 

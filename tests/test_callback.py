@@ -10,9 +10,9 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, default_da
 
 from proxsparse_hf import ProxSparseConfig, is_2to4
 from proxsparse_hf.data import TokenWindows
-from proxsparse_hf.learn import warmup_arguments
-from proxsparse_hf.learner import SNAPSHOT_NAME, MaskLearner
-from proxsparse_hf.regularizers import frozen_weight_grad
+from proxsparse_hf.learning.learner import SNAPSHOT_NAME, MaskLearner
+from proxsparse_hf.learning.regularizers import frozen_weight_grad
+from proxsparse_hf.learning.trainer import warmup_arguments
 from trainer_callbacks import ProxSparseCallback
 
 

@@ -10,7 +10,11 @@ from conftest import REAL_MODEL_GGUF, real_model_dir
 from huggingface_hub import HfApi, ModelCard
 from tiny_models import tiny_model
 
-from proxsparse_hf.card import (
+from proxsparse_hf.artefacts.output_dir import load_output_dir, save_pruned_output
+from proxsparse_hf.config import ProxSparseConfig
+from proxsparse_hf.constants import EVAL_RESULTS_NAME
+from proxsparse_hf.evaluation.results import EvalResults
+from proxsparse_hf.hub.card import (
     CHART_NAME,
     CITATION,
     build_model_card,
@@ -21,11 +25,7 @@ from proxsparse_hf.card import (
     render_perplexity_chart,
     save_model_card,
 )
-from proxsparse_hf.config import ProxSparseConfig
-from proxsparse_hf.constants import EVAL_RESULTS_NAME
-from proxsparse_hf.evaluation.results import EvalResults
 from proxsparse_hf.masks import apply_2to4_masks, extract_2to4_masks
-from proxsparse_hf.outputs import load_output_dir, save_pruned_output
 
 RUN_INFO = {
     "calibration": {

@@ -9,10 +9,10 @@ from conftest import C4_VALIDATION, REAL_MODEL_GGUF, real_model_dir
 from tiny_models import tiny_corpus, tiny_model, tiny_tokenizer
 
 from proxsparse_hf import ProxSparseConfig, is_2to4, load_masks
+from proxsparse_hf.artefacts.output_dir import load_output_dir
 from proxsparse_hf.cli import main
 from proxsparse_hf.constants import CONFIG_NAME, MASKS_NAME, REPORT_NAME, RUN_INFO_NAME, TRAINING_LOG_NAME
-from proxsparse_hf.distill import distillation_loss
-from proxsparse_hf.outputs import load_output_dir
+from proxsparse_hf.learning.distill import distillation_loss
 
 
 @pytest.fixture

@@ -10,13 +10,13 @@ import pytest
 import torch
 from test_evaluation import CORPUS, byte_model, byte_tokenizer, write_jsonl
 
+from proxsparse_hf.artefacts.output_dir import load_output_dir
 from proxsparse_hf.commands import compare as compare_cmd
 from proxsparse_hf.commands import eval as eval_cmd
 from proxsparse_hf.commands import prune as prune_cmd
 from proxsparse_hf.constants import EVAL_RESULTS_NAME
 from proxsparse_hf.evaluation import EvalResults
 from proxsparse_hf.masks import load_masks
-from proxsparse_hf.outputs import load_output_dir
 
 
 def run_cli(argv: list[str]) -> int:

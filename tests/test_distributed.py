@@ -20,15 +20,15 @@ from tiny_models import random_windows, tiny_model
 from torch import nn
 
 from proxsparse_hf import ProxSparseConfig
-from proxsparse_hf.distributed import (
+from proxsparse_hf.learning.distributed import (
     TargetShard,
     all_reduce_sums,
     clean_name,
     find_distributed_targets,
     shard_targets,
 )
-from proxsparse_hf.learn import _gather_pruned_model
-from proxsparse_hf.learner import SNAPSHOT_NAME, MaskLearner
+from proxsparse_hf.learning.learner import SNAPSHOT_NAME, MaskLearner
+from proxsparse_hf.learning.trainer import _gather_pruned_model
 from trainer_callbacks import ProxSparseCallback
 
 pytestmark = pytest.mark.distributed
@@ -196,7 +196,7 @@ def run_trainer(
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments, default_data_collator
 
     from proxsparse_hf.data import TokenWindows
-    from proxsparse_hf.learn import warmup_arguments
+    from proxsparse_hf.learning.trainer import warmup_arguments
 
     if fsdp2_from is None:
         model = tiny_model("llama", layers=1)

@@ -222,7 +222,7 @@ def test_eval_results_missing_keys_and_bad_json(tmp_path):
 
 
 def test_evaluate_model_fills_the_schema(tmp_path):
-    from proxsparse_hf.baselines import prune
+    from proxsparse_hf.pruners import prune
 
     model, tokenizer = byte_model(), byte_tokenizer()
     prune(model, "magnitude")

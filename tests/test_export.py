@@ -10,9 +10,7 @@ import torch
 from safetensors import safe_open
 from tiny_models import tiny_model
 
-from proxsparse_hf.config import ProxSparseConfig
-from proxsparse_hf.constants import COMPACT_INDEX_NAME, COMPACT_WEIGHTS_NAME, CONFIG_NAME, PACKED_MASKS_NAME
-from proxsparse_hf.export import (
+from proxsparse_hf.artefacts.export import (
     MASK_MANIFEST_NAME,
     apply_proxsparse,
     detect_artefact,
@@ -23,8 +21,10 @@ from proxsparse_hf.export import (
     save_dense,
     save_mask_adapter,
 )
+from proxsparse_hf.artefacts.output_dir import save_pruned_output
+from proxsparse_hf.config import ProxSparseConfig
+from proxsparse_hf.constants import COMPACT_INDEX_NAME, COMPACT_WEIGHTS_NAME, CONFIG_NAME, PACKED_MASKS_NAME
 from proxsparse_hf.masks import apply_2to4_masks, extract_2to4_masks
-from proxsparse_hf.outputs import save_pruned_output
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:

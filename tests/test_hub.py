@@ -16,13 +16,13 @@ from huggingface_hub import HfApi, hf_hub_download
 from test_export import assert_state_equal
 from tiny_models import tiny_model
 
-from proxsparse_hf.card import CHART_NAME, check_model_card
+from proxsparse_hf.artefacts.export import load_pruned
+from proxsparse_hf.artefacts.output_dir import save_pruned_output
 from proxsparse_hf.config import ProxSparseConfig
 from proxsparse_hf.constants import CARD_NAME, EVAL_RESULTS_NAME
-from proxsparse_hf.export import load_pruned
-from proxsparse_hf.hub import PushError, is_transient_error, push_pruned_to_hub
+from proxsparse_hf.hub.card import CHART_NAME, check_model_card
+from proxsparse_hf.hub.push import PushError, is_transient_error, push_pruned_to_hub
 from proxsparse_hf.masks import apply_2to4_masks, extract_2to4_masks
-from proxsparse_hf.outputs import save_pruned_output
 
 pytestmark = pytest.mark.usefixtures("hub_url")  # skipped where the local Hub server is not available
 

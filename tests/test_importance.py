@@ -6,9 +6,9 @@ from test_callback import _check_pruned, _train
 from tiny_models import random_windows, tiny_model
 
 from proxsparse_hf import ProxSparseConfig
-from proxsparse_hf.baselines.wanda import wanda_mask
-from proxsparse_hf.learner import INPUT_NORMS_NAME, SNAPSHOT_NAME, MaskLearner
-from proxsparse_hf.prox import prox_2to4
+from proxsparse_hf.learning.learner import INPUT_NORMS_NAME, SNAPSHOT_NAME, MaskLearner
+from proxsparse_hf.learning.prox import prox_2to4
+from proxsparse_hf.pruners.wanda import wanda_mask
 
 ACT = dict(importance="activation", importance_batches=2)
 
@@ -150,8 +150,8 @@ def test_cli_recipe_sets_config_and_learning_rate(recipe, tmp_path, capsys):
 
     from tiny_models import tiny_corpus, tiny_tokenizer
 
+    from proxsparse_hf.artefacts.output_dir import load_output_dir
     from proxsparse_hf.cli import main
-    from proxsparse_hf.outputs import load_output_dir
 
     tiny_model("llama").save_pretrained(tmp_path / "model")
     tiny_tokenizer().save_pretrained(tmp_path / "model")

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from tiny_models import tiny_model
 from torch import nn
 
-from proxsparse_hf.inference import (
+from proxsparse_hf.inference.convert import (
     NEVER,
     DispatchEntry,
     SparseLinear2to4,
@@ -40,7 +40,7 @@ def test_cpu_fallback_swaps_layers_warns_and_matches_dense(caplog):
     ids = torch.randint(0, 128, (2, 12))
     with torch.no_grad():
         ref = model(ids).logits
-    with caplog.at_level(logging.WARNING, logger="proxsparse_hf.inference"):
+    with caplog.at_level(logging.WARNING, logger="proxsparse_hf.inference.convert"):
         to_sparse_kernels(model)
     assert "layers keep dense matmuls" in caplog.text  # no CUDA here, or CUDA but the model on the CPU
     layers = [m for m in model.modules() if isinstance(m, SparseLinear2to4)]
@@ -141,7 +141,7 @@ def test_module_argument_errors():
 
 def test_memory_mode_without_kernels_falls_back_to_speed(caplog):
     model = _pruned()
-    with caplog.at_level(logging.WARNING, logger="proxsparse_hf.inference"):
+    with caplog.at_level(logging.WARNING, logger="proxsparse_hf.inference.convert"):
         to_sparse_kernels(model, mode="memory")
     assert "`mode`='memory' needs sparse kernels" in caplog.text
     assert all(m.mode == "speed" for m in model.modules() if isinstance(m, SparseLinear2to4))
@@ -288,7 +288,7 @@ def test_dispatch_cache_round_trip(tmp_path, monkeypatch):
 
 def test_cusparselt_algorithm_per_token_count():
     """The algorithm of the largest measured token count <= the call's rows; below every count, the smallest's."""
-    from proxsparse_hf.inference import _CusparseltKernel
+    from proxsparse_hf.inference.convert import _CusparseltKernel
 
     kernel = object.__new__(_CusparseltKernel)  # the algorithm table only (compressing a weight needs CUDA)
     kernel.set_alg({2048: 20, 16: 4, 8192: 17})

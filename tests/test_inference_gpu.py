@@ -10,7 +10,7 @@ import torch
 from tiny_models import tiny_model
 from torch import nn
 
-from proxsparse_hf.inference import (
+from proxsparse_hf.inference.convert import (
     NEVER,
     DispatchEntry,
     SparseLinear2to4,

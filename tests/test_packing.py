@@ -7,8 +7,7 @@ import itertools
 import pytest
 import torch
 
-from proxsparse_hf.masks import mask_2to4
-from proxsparse_hf.packing import (
+from proxsparse_hf.artefacts.packing import (
     PATTERNS,
     codes_to_mask,
     compress_2to4,
@@ -21,6 +20,7 @@ from proxsparse_hf.packing import (
     unpack_codes,
     unpack_mask,
 )
+from proxsparse_hf.masks import mask_2to4
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:

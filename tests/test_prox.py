@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-import proxsparse_hf.prox as prox_mod
-from proxsparse_hf.prox import Prox2to4Batch, prox_2to4, prox_2to4_, resolve_backend, solve_groups
+import proxsparse_hf.learning.prox as prox_mod
+from proxsparse_hf.learning.prox import Prox2to4Batch, prox_2to4, prox_2to4_, resolve_backend, solve_groups
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Independent float64 reference: enumerate every support, start from a grid of points on it plus the corner points,
@@ -283,7 +283,7 @@ def test_package_import_does_not_import_triton():
     import subprocess
     import sys
 
-    code = "import sys, proxsparse_hf.prox, proxsparse_hf.kernels; print('triton' in sys.modules)"
+    code = "import sys, proxsparse_hf.learning.prox, proxsparse_hf.kernels; print('triton' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

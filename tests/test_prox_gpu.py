@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from proxsparse_hf.prox import Prox2to4Batch, prox_2to4, prox_2to4_
+from proxsparse_hf.learning.prox import Prox2to4Batch, prox_2to4, prox_2to4_
 
 pytestmark = [
     pytest.mark.gpu,
@@ -337,7 +337,7 @@ def test_mask_learner_prox_step_on_cuda_matches_the_cpu_path(family):
     from tiny_models import tiny_model
 
     from proxsparse_hf import ProxSparseConfig
-    from proxsparse_hf.learner import MaskLearner
+    from proxsparse_hf.learning.learner import MaskLearner
 
     config = ProxSparseConfig(lambda1=2.0)
     cpu_model = tiny_model(family)

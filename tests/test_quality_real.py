@@ -10,10 +10,10 @@ import torch
 from conftest import C4_VALIDATION, WIKITEXT_TEST
 
 from proxsparse_hf import ProxSparseConfig
-from proxsparse_hf.baselines import prune
 from proxsparse_hf.data import load_calibration_data, load_texts, tokenize_windows
 from proxsparse_hf.evaluation.perplexity import window_nll
-from proxsparse_hf.learn import learn_mask
+from proxsparse_hf.learning.trainer import learn_mask
+from proxsparse_hf.pruners import prune
 
 pytestmark = pytest.mark.slow
 

@@ -7,8 +7,8 @@ import itertools
 import pytest
 import torch
 
-import proxsparse_hf.regularizers as reg_mod
-from proxsparse_hf.regularizers import frozen_weight_grad, frozen_weight_regularizer, regularizer_2to4
+import proxsparse_hf.learning.regularizers as reg_mod
+from proxsparse_hf.learning.regularizers import frozen_weight_grad, frozen_weight_regularizer, regularizer_2to4
 
 
 def _reference_2to4(w: torch.Tensor) -> float:

@@ -1,6 +1,6 @@
 import pytest
 
-from proxsparse_hf.telemetry import plot_telemetry, telemetry_series
+from proxsparse_hf.evaluation.telemetry import plot_telemetry, telemetry_series
 
 HISTORY = [
     {

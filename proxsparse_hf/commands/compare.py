@@ -100,11 +100,11 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..baselines import prune
+    from ..artefacts.output_dir import load_output_dir
     from ..config import ProxSparseConfig
     from ..evaluation import EvalResults, evaluate_model
-    from ..modeling import load_model_and_tokenizer, model_revision
-    from ..outputs import load_output_dir
+    from ..loading import load_model_and_tokenizer, model_revision
+    from ..pruners import prune
     from ..targets import find_targets
 
     methods = parse_methods(args.methods)

@@ -102,10 +102,10 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..artefacts.output_dir import load_output_dir
     from ..constants import CONFIG_NAME, EVAL_RESULTS_NAME
     from ..evaluation import evaluate_model
-    from ..modeling import load_model_and_tokenizer, model_revision
-    from ..outputs import load_output_dir
+    from ..loading import load_model_and_tokenizer, model_revision
 
     is_output_dir = os.path.isdir(args.model) and os.path.isfile(os.path.join(args.model, CONFIG_NAME))
     if args.output is None and not is_output_dir:

@@ -45,7 +45,7 @@ def _dir_size(path: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from proxsparse_hf.export import resolve_source, save_compact, save_dense, save_mask_adapter
+    from proxsparse_hf.artefacts.export import resolve_source, save_compact, save_dense, save_mask_adapter
 
     source = resolve_source(args.output_dir, dtype=args.dtype if args.artefact != "mask" else None)
     if args.artefact == "dense":
@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
         )
     if args.card:
-        from proxsparse_hf.card import save_model_card
+        from proxsparse_hf.hub.card import save_model_card
 
         hub_base = (
             args.base_model

@@ -131,10 +131,10 @@ def run(args: argparse.Namespace) -> int:
     fsdp_config = _fsdp_config(args)
     device_map = _device_map(args)
 
+    from proxsparse_hf.artefacts.output_dir import save_pruned_output
     from proxsparse_hf.data import load_calibration_data
-    from proxsparse_hf.learn import learn_mask
-    from proxsparse_hf.modeling import load_model_and_tokenizer
-    from proxsparse_hf.outputs import save_pruned_output
+    from proxsparse_hf.learning.trainer import learn_mask
+    from proxsparse_hf.loading import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(
         args.model,
@@ -183,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
         fsdp=bool(args.fsdp),
         fsdp_config=fsdp_config,
     )
-    from proxsparse_hf.distributed import rank
+    from proxsparse_hf.learning.distributed import rank
 
     if rank() != 0:  # multi-process launch: the main process writes the output folder
         return 0
@@ -215,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
     )
     try:
-        from proxsparse_hf.telemetry import plot_telemetry
+        from proxsparse_hf.evaluation.telemetry import plot_telemetry
 
         plot_telemetry(result.log_history, os.path.join(out, "training_telemetry.png"), title="ProxSparse telemetry")
     except (RuntimeError, ValueError) as exc:  # matplotlib missing, or too few steps to log

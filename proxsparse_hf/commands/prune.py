@@ -76,7 +76,7 @@ def parse_target_modules(values: list[str] | None) -> str | list[str] | None:
 
 
 def load_model(args: argparse.Namespace, name_or_path: str) -> tuple[Any, Any]:
-    from ..modeling import load_model_and_tokenizer
+    from ..loading import load_model_and_tokenizer
 
     return load_model_and_tokenizer(
         name_or_path, gguf_file=args.gguf_file, revision=args.revision, dtype=args.dtype, device=args.device
@@ -129,7 +129,7 @@ def load_calibration(args: argparse.Namespace, tokenizer: Any) -> tuple[Any, dic
 
 
 def method_options(method: str, args: argparse.Namespace, update_weights: bool = True) -> dict[str, Any]:
-    """Options for :func:`proxsparse_hf.baselines.prune` from the command line."""
+    """Options for :func:`proxsparse_hf.pruners.prune` from the command line."""
     opts: dict[str, Any] = {"batch_size": args.batch_size, "show_progress": not getattr(args, "no_progress", False)}
     if method == "sparsegpt":
         opts.update(update_weights=update_weights, damp_percent=args.damp_percent, block_size=args.block_size)
@@ -164,10 +164,10 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..baselines import prune
+    from ..artefacts.output_dir import save_pruned_output
     from ..config import ProxSparseConfig
-    from ..modeling import model_revision
-    from ..outputs import save_pruned_output
+    from ..loading import model_revision
+    from ..pruners import prune
 
     if args.no_update_weights and args.method != "sparsegpt":
         raise ValueError(f"--no-update-weights only applies to --method sparsegpt, not {args.method!r}.")

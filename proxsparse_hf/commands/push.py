@@ -39,7 +39,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from proxsparse_hf.hub import push_pruned_to_hub
+    from proxsparse_hf.hub.push import push_pruned_to_hub
 
     url = push_pruned_to_hub(
         args.output_dir,

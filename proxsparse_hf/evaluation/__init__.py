@@ -74,7 +74,7 @@ def evaluate_model(
         zeroshot_limit, zeroshot_batch_size, zeroshot_data_dir, skip_unavailable: see :func:`zeroshot_eval`.
         show_progress: progress bars.
     """
-    from ..outputs import describe_hardware, library_versions
+    from ..artefacts.output_dir import describe_hardware, library_versions
 
     start = time.perf_counter()
     ppl = (

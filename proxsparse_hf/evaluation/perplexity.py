@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..data import load_texts, tokenize_windows
-from ..modeling import input_device, resolve_dtype
+from ..loading import input_device, resolve_dtype
 
 __all__ = [
     "C4_EVAL_DOCS",

@@ -1,4 +1,4 @@
-"""Fused Triton kernel for the exact 2:4 prox (same algorithm as the torch path in ``proxsparse_hf.prox``).
+"""Fused Triton kernel for the exact 2:4 prox (same algorithm as the torch path in ``proxsparse_hf.learning.prox``).
 
 Every group of 4 is read once into registers, solved in float32 and written back once, in place.
 
@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..prox import as_2d, per_weight
+from ..layout import as_2d, per_weight
 from .magic import division_magic
 
 __all__ = ["TritonProxPlan", "prox_2to4_triton_"]

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..data import TokenWindows
-from ..modeling import input_device
+from ..loading import input_device
 from ..targets import Target, decoder_block_prefixes
 
 __all__ = ["BlockInputs", "CalibrationBatches", "capture_block_inputs", "find_decoder_blocks", "run_sequential"]

@@ -31,6 +31,8 @@ import math
 import torch
 from torch import Tensor
 
+from ..layout import as_2d, per_weight
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -189,7 +191,7 @@ def prox_2to4_(
     scale = None if column_scale is None else column_scale.detach().to(torch.float32).contiguous()
     with torch.no_grad():
         if resolved == "triton":
-            from .kernels import prox_2to4_triton_
+            from ..kernels import prox_2to4_triton_
 
             prox_2to4_triton_(weight, float(lam), max_iter=max_iter, tol=float(tol), column_scale=scale)
         else:
@@ -254,7 +256,7 @@ class Prox2to4Batch:
             else:
                 self._torch_items.append((weight, mult, None if scale is None else scale.clone()))
         if on_triton:
-            from .kernels import TritonProxPlan
+            from ..kernels import TritonProxPlan
 
             for views, view_mults, view_scales in on_triton.values():
                 self._triton_plans.append(TritonProxPlan(views, view_scales, view_mults))
@@ -297,31 +299,6 @@ class Prox2to4Batch:
             plan.run(float(lam), max_iter=self.max_iter, tol=self.tol)
         for weight, mult, scale in self._torch_items:
             _prox_torch_(weight, float(lam) * mult, self.max_iter, self.tol, self.chunk_groups, scale)
-
-
-def as_2d(weight: Tensor) -> list[Tensor]:
-    """2-D views of ``weight`` with its last dimension kept (one view when it can be flattened, else one per slice)."""
-    if weight.dim() == 1:
-        return [weight.unsqueeze(0)]
-    if weight.dim() == 2:
-        return [weight]
-    try:
-        return [weight.view(-1, weight.shape[-1])]
-    except RuntimeError:
-        return [view for sub in weight.unbind(0) for view in as_2d(sub)]
-
-
-def per_weight(weights, multipliers=None, column_scales=None) -> tuple[list, list[float], list]:
-    """``(weights, multipliers, column_scales)`` as lists of one entry per weight (factor 1 and no scale by default)."""
-    weights = list(weights)
-    mults = [1.0] * len(weights) if multipliers is None else [float(m) for m in multipliers]
-    scales = [None] * len(weights) if column_scales is None else list(column_scales)
-    if not len(weights) == len(mults) == len(scales):
-        raise ValueError(
-            f"got {len(weights)} weights, {len(mults)} multipliers and {len(scales)} column scales; "
-            "give one multiplier and one column scale (or None) per weight."
-        )
-    return weights, mults, scales
 
 
 def _prox_torch_(

@@ -3,7 +3,7 @@
 * **dense** — :func:`save_dense`: ``save_pretrained`` output of the pruned model (zeros in place) + tokenizer; loads
   in plain ``transformers``.
 * **compact** — :func:`save_compact`: every 2:4 target weight as its kept values (half the elements) plus packed
-  pattern codes (0.67 bit per weight, see :mod:`proxsparse_hf.packing`), everything else as usual, in
+  pattern codes (0.67 bit per weight, see :mod:`proxsparse_hf.artefacts.packing`), everything else as usual, in
   ``model_2to4.safetensors`` with the index ``proxsparse_compact.json``; :func:`load_pruned` rebuilds the dense
   weights bit for bit.
 * **mask** — :func:`save_mask_adapter`: a PEFT-style adapter holding only the packed masks, ``proxsparse_config.json``
@@ -11,7 +11,7 @@
   to the base model's original weights.
 
 Every artefact also carries ``proxsparse_config.json``, ``sparsity_report.json`` and, when present, ``run_info.json``
-and ``eval_results.json``. The source is the standard output folder (:func:`proxsparse_hf.outputs.load_output_dir`) or
+and ``eval_results.json``. The source is the standard output folder (:func:`proxsparse_hf.artefacts.output_dir.load_output_dir`) or
 an in-memory model; export never needs to know how the mask was found.
 """
 
@@ -31,9 +31,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ._version import __version__
-from .config import ProxSparseConfig
-from .constants import (
+from .._version import __version__
+from ..config import ProxSparseConfig
+from ..constants import (
     COMPACT_INDEX_NAME,
     COMPACT_WEIGHTS_NAME,
     EVAL_RESULTS_NAME,
@@ -43,12 +43,12 @@ from .constants import (
     SUPPORTED_M,
     SUPPORTED_N,
 )
-from .masks import apply_2to4_masks, extract_2to4_masks, is_2to4
-from .modeling import model_revision, resolve_dtype
-from .outputs import load_output_dir, save_pretrained_model
+from ..loading import model_revision, resolve_dtype
+from ..masks import apply_2to4_masks, extract_2to4_masks, is_2to4
+from ..report import SparsityReport, sparsity_report
+from ..targets import Target, find_targets
+from .output_dir import load_output_dir, save_pretrained_model
 from .packing import GROUPS_PER_BYTE, compress_2to4, decompress_2to4, pack_mask, unpack_mask
-from .report import SparsityReport, sparsity_report
-from .targets import Target, find_targets
 
 __all__ = [
     "ARTEFACTS",
@@ -130,7 +130,7 @@ def resolve_source(
     """Turn an output folder or an in-memory pruned model into a :class:`PrunedSource`.
 
     Args:
-        source: an output folder written by :func:`proxsparse_hf.outputs.save_pruned_output`, a pruned model, or an
+        source: an output folder written by :func:`proxsparse_hf.artefacts.output_dir.save_pruned_output`, a pruned model, or an
             existing :class:`PrunedSource` (returned as is, cast to ``dtype`` when given).
         tokenizer: tokenizer of an in-memory model (a folder's own tokenizer is used otherwise).
         config: recipe of an in-memory model; default: ``ProxSparseConfig`` with ``target_modules="all-linear"`` and

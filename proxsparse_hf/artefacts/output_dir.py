@@ -31,9 +31,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._version import __version__
-from .config import ProxSparseConfig
-from .constants import (
+from .._version import __version__
+from ..config import ProxSparseConfig
+from ..constants import (
     CONFIG_NAME,
     EVAL_RESULTS_NAME,
     MASKS_NAME,
@@ -42,8 +42,8 @@ from .constants import (
     RUN_INFO_NAME,
     TRAINING_LOG_NAME,
 )
-from .masks import load_masks, save_masks
-from .report import SparsityReport, sparsity_report
+from ..masks import load_masks, save_masks
+from ..report import SparsityReport, sparsity_report
 
 __all__ = [
     "PrunedOutput",

@@ -1,7 +1,7 @@
 """Wanda 2:4 pruning (Sun et al., 2023): score ``|W_ij| · ‖X_j‖₂`` with ``X_j`` the j-th input feature over all
 calibration tokens of the layer input, keep the two best scores of every group of four input weights.
 
-Statistics are gathered block by block (see :mod:`proxsparse_hf.baselines.capture`): the inputs of block ``k`` come from the
+Statistics are gathered block by block (see :mod:`proxsparse_hf.pruners.capture`): the inputs of block ``k`` come from the
 already-pruned blocks ``< k``. Weights are not updated.
 """
 

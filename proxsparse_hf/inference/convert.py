@@ -50,9 +50,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels.cusparselt_op import cslt_linear
-from .masks import fraction_2to4_groups, is_2to4
-from .targets import find_targets
+from ..kernels.cusparselt_op import cslt_linear
+from ..masks import fraction_2to4_groups, is_2to4
+from ..targets import find_targets
 
 logger = logging.getLogger(__name__)
 

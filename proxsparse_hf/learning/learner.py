@@ -25,8 +25,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .baselines.wanda import make_wanda_stats
-from .config import ProxSparseConfig
+from ..config import ProxSparseConfig
+from ..loading import input_device
+from ..masks import apply_2to4_masks, count_mask_flips, extract_2to4_masks, mask_2to4
+from ..pruners.wanda import make_wanda_stats
+from ..targets import Target
 from .distributed import (
     TargetShard,
     all_reduce_sums,
@@ -36,11 +39,8 @@ from .distributed import (
     local_tensor,
     shard_targets,
 )
-from .masks import apply_2to4_masks, count_mask_flips, extract_2to4_masks, mask_2to4
-from .modeling import input_device
 from .prox import Prox2to4Batch, prox_2to4
 from .regularizers import frozen_weight_grad, regularizer_2to4
-from .targets import Target
 
 __all__ = ["INPUT_NORMS_NAME", "SNAPSHOT_NAME", "MaskLearner"]
 
@@ -90,7 +90,7 @@ class MaskLearner:
             :meth:`measure_input_norms` before the first prox step.
 
     Distributed training (DDP, FSDP2 ``DTensor``, FSDP1 ``use_orig_params=True``, ``device_map``): ``self.shards``
-    describes what this rank holds of each target (see :mod:`proxsparse_hf.distributed`); the snapshot, the prox and
+    describes what this rank holds of each target (see :mod:`proxsparse_hf.learning.distributed`); the snapshot, the prox and
     the final mask application work on the local shards only. With sharded weights, :meth:`statistics`,
     :meth:`finalize`, :meth:`save_snapshot` and the constructor are collectives (every rank calls them).
     """

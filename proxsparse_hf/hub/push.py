@@ -18,8 +18,8 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from .config import ProxSparseConfig
-from .export import ARTEFACTS, PrunedSource, check_2to4, resolve_source, save_artefact
+from ..artefacts.export import ARTEFACTS, PrunedSource, check_2to4, resolve_source, save_artefact
+from ..config import ProxSparseConfig
 
 __all__ = ["PushError", "is_transient_error", "push_pruned_to_hub"]
 

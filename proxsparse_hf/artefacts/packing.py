@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from .constants import SUPPORTED_M, SUPPORTED_N
+from ..constants import SUPPORTED_M, SUPPORTED_N
 
 __all__ = [
     "GROUPS_PER_BYTE",

@@ -1,6 +1,6 @@
 """``ProxSparseCallback``: learn a 2:4 mask with any ``transformers.Trainer``.
 
-The callback only reacts to Trainer events; the method lives in :class:`proxsparse_hf.learner.MaskLearner`.
+The callback only reacts to Trainer events; the method lives in :class:`proxsparse_hf.learning.learner.MaskLearner`.
 
 * ``on_init_end`` / ``on_train_begin``: resolve targets, freeze non-target parameters (unless
   ``config.train_non_target_params``), snapshot the original target weights (or reload the snapshot when resuming),
@@ -23,7 +23,7 @@ to log, so they describe the step being logged.
 Distributed training (``accelerate launch`` with DDP or FSDP2 / FSDP1 ``use_orig_params=True``, or a ``device_map``
 split) needs no change: every rank runs the prox on the part of each target weight it holds, the statistics are summed
 over ranks, the original-weight snapshot is sharded like the weights (gathered only to write a checkpoint), and the final
-masks are applied shard by shard. See :mod:`proxsparse_hf.distributed`.
+masks are applied shard by shard. See :mod:`proxsparse_hf.learning.distributed`.
 """
 
 from __future__ import annotations
@@ -37,10 +37,10 @@ from typing import Any
 from transformers import TrainerCallback
 from transformers.trainer_callback import DefaultFlowCallback
 
-from proxsparse_hf.config import ProxSparseConfig
-from proxsparse_hf.distributed import find_distributed_targets, sharded_sparsity_report
-from proxsparse_hf.learner import MaskLearner
-from proxsparse_hf.report import SparsityReport, sparsity_report
+from ..config import ProxSparseConfig
+from ..report import SparsityReport, sparsity_report
+from .distributed import find_distributed_targets, sharded_sparsity_report
+from .learner import MaskLearner
 
 __all__ = ["ProxSparseCallback"]
 
@@ -58,7 +58,7 @@ class ProxSparseCallback(TrainerCallback):
             target weights per log).
 
     After training, ``callback.masks`` holds the masks, ``callback.report`` the sparsity report, ``callback.learner`` the
-    :class:`~proxsparse_hf.learner.MaskLearner`, and ``callback.prox_seconds`` the time spent in prox steps.
+    :class:`~proxsparse_hf.learning.learner.MaskLearner`, and ``callback.prox_seconds`` the time spent in prox steps.
     """
 
     def __init__(self, config: ProxSparseConfig | dict[str, Any], log_statistics: bool = True) -> None:

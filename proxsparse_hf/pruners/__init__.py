@@ -4,7 +4,7 @@ They use the same target selection (:func:`proxsparse_hf.targets.find_targets`),
 the input dimension, ``Conv1D`` transposed) and the same calibration data (:func:`proxsparse_hf.data.load_calibration_data`)
 as ProxSparse, so their masks are directly comparable::
 
-    from proxsparse_hf.baselines import prune
+    from proxsparse_hf.pruners import prune
     calib = load_calibration_data("../shared/assets/data/c4-validation-2k/c4_validation_2k.jsonl", tokenizer,
                                   seq_len=512, n_samples=128, stop=1000)
     masks = prune(model, "wanda", calib)              # the model is pruned in place

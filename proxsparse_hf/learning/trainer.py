@@ -11,8 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import ProxSparseConfig, recipe_learning_rate
-from .report import SparsityReport
+from ..config import ProxSparseConfig, recipe_learning_rate
+from ..report import SparsityReport
 
 __all__ = ["LearnResult", "learn_mask", "warmup_arguments"]
 
@@ -95,7 +95,7 @@ def learn_mask(
     Builds a standard ``transformers.Trainer`` (AdamW, linear schedule with warm-up) with a
     :class:`trainer_callbacks.ProxSparseCallback`; at the end ``model`` holds ``original ⊙ mask``.
     With ``distill_alpha > 0`` the loss is ``alpha · KD + (1 − alpha) · LM`` against a frozen copy of the dense model
-    (:class:`~proxsparse_hf.distill.DistillationTrainer`; costs one more model in memory and one more forward per step).
+    (:class:`~proxsparse_hf.learning.distill.DistillationTrainer`; costs one more model in memory and one more forward per step).
     ``learning_rate`` defaults to the one the config's recipe was measured with (:func:`recipe_learning_rate`: 3e-3 for
     ``importance="activation"``, 1e-4 otherwise). Extra keyword arguments go to ``TrainingArguments``.
 
@@ -106,7 +106,7 @@ def learn_mask(
     """
     from transformers import Trainer, TrainingArguments, default_data_collator
 
-    from trainer_callbacks import ProxSparseCallback
+    from .callback import ProxSparseCallback
 
     if learning_rate is None:
         learning_rate = recipe_learning_rate(config)

@@ -23,10 +23,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .config import ProxSparseConfig
-from .constants import CARD_NAME, EVAL_RESULTS_NAME, SUPPORTED_M, SUPPORTED_N
-from .outputs import PrunedOutput, load_output_dir
-from .report import SparsityReport
+from ..artefacts.output_dir import PrunedOutput, load_output_dir
+from ..config import ProxSparseConfig
+from ..constants import CARD_NAME, EVAL_RESULTS_NAME, SUPPORTED_M, SUPPORTED_N
+from ..report import SparsityReport
 
 __all__ = [
     "BASE_MODEL_RELATIONS",
@@ -531,7 +531,7 @@ def build_model_card(
     """
     from huggingface_hub import ModelCard, ModelCardData
 
-    from .export import ARTEFACTS
+    from ..artefacts.export import ARTEFACTS
 
     if artefact not in ARTEFACTS:
         raise ValueError(f"`artefact`={artefact!r} is invalid; allowed: {ARTEFACTS}.")

@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .constants import SUPPORTED_M, SUPPORTED_N
-from .targets import Target, find_targets, is_target_type
+from ..constants import SUPPORTED_M, SUPPORTED_N
+from ..targets import Target, find_targets, is_target_type
 
 __all__ = [
     "TargetShard",
@@ -389,7 +389,7 @@ def is_sharded(shards: Mapping[str, TargetShard]) -> bool:
 def sharded_sparsity_report(model: nn.Module, shards: Mapping[str, TargetShard]):
     """:func:`~proxsparse_hf.report.sparsity_report` for a model whose targets are sharded (FSDP1/FSDP2): counts are
     made on local shards and summed over ranks. A collective: every rank must call it; every rank gets the report."""
-    from .report import LayerSparsity, SparsityReport
+    from ..report import LayerSparsity, SparsityReport
 
     counts: list[float] = []
     for shard in shards.values():
