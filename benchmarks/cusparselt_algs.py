@@ -1,7 +1,7 @@
 """Every cuSPARSELt algorithm on the Llama-2-7B projection shapes under sustained load, against dense cuBLAS.
 
 ``to_sparse_kernels`` picks one algorithm per shape and token count from short bursts of graph replays
-(``_tune_shape``); this script checks that choice where a model spends its prefill: each timing is a CUDA graph of 40
+(``tune_shape``); this script checks that choice where a model spends its prefill: each timing is a CUDA graph of 40
 back-to-back matmuls replayed 3 times (median per matmul), long enough for the GPU to reach the clock its power cap
 allows. ``--copies N`` cycles the 40 matmuls through N different weights and inputs: with N = 1 a 2:4 weight (25 MB for
 11008 x 4096) stays in the 50 MB L2 between calls, which no layer of a model enjoys (every layer has its own weights);
@@ -25,9 +25,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from proxsparse_hf.artefacts.output_dir import describe_hardware, library_versions  # noqa: E402
-from proxsparse_hf.inference.convert import _max_alg_id, sparse_kernels_available, time_ms  # noqa: E402
+from proxsparse_hf.inference.backends import cusparselt_alg_count, sparse_kernels_available  # noqa: E402
+from proxsparse_hf.inference.tuning import time_ms  # noqa: E402
 from proxsparse_hf.masks import mask_2to4  # noqa: E402
+from proxsparse_hf.utils import describe_hardware, library_versions  # noqa: E402
 
 # Llama-2-7B (out, in); the fused siblings (q/k/v, gate/up as one weight) to compare per FLOP with three / two calls
 SHAPES = {
@@ -77,7 +78,7 @@ def sweep(out_features: int, in_features: int, tokens: int, copies: int) -> dict
 
     dense = sustained_ms(dense_call)
     speedups = {}
-    for alg in range(_max_alg_id()):
+    for alg in range(cusparselt_alg_count()):
         try:
             speedups[alg] = round(dense / sparse_ms(alg), 3)
         except RuntimeError:

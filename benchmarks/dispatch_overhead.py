@@ -24,9 +24,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from proxsparse_hf.artefacts.output_dir import describe_hardware, library_versions  # noqa: E402
-from proxsparse_hf.inference.convert import NEVER, SparseLinear2to4, sparse_kernels_available  # noqa: E402
+from proxsparse_hf.inference import NEVER, SparseLinear2to4, sparse_kernels_available  # noqa: E402
 from proxsparse_hf.masks import mask_2to4  # noqa: E402
+from proxsparse_hf.utils import describe_hardware, library_versions  # noqa: E402
 
 
 def per_call_us(module: nn.Module, x: torch.Tensor, calls: int) -> float:

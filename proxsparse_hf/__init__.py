@@ -31,6 +31,11 @@ _LAZY: dict[str, str] = {
     "sparsity_report": "report",
     "SparsityReport": "report",
     "MaskLearner": "learning.learner",
+    "ImportanceMeasure": "learning.importance",
+    "register_importance": "learning.importance",
+    "get_importance": "learning.importance",
+    "importance_names": "learning.importance",
+    "rescale_function_preserving": "learning.rescale",
     "get_sparse_peft_model": "sparse_lora",
     "load_sparse_peft_model": "sparse_lora",
     "merge_sparse": "sparse_lora",
@@ -44,20 +49,20 @@ _LAZY: dict[str, str] = {
     "zeroshot_eval": "evaluation",
     "learn_mask": "learning.trainer",
     "load_calibration_data": "data",
-    "save_pruned_output": "artefacts.output_dir",
-    "load_output_dir": "artefacts.output_dir",
-    "save_dense": "artefacts.export",
-    "save_compact": "artefacts.export",
-    "save_mask_adapter": "artefacts.export",
-    "load_pruned": "artefacts.export",
-    "apply_proxsparse": "artefacts.export",
+    "save_pruned_output": "artefacts",
+    "load_output_dir": "artefacts",
+    "save_dense": "artefacts",
+    "save_compact": "artefacts",
+    "save_mask_adapter": "artefacts",
+    "load_pruned": "artefacts",
+    "apply_proxsparse": "artefacts",
     "push_pruned_to_hub": "hub.push",
     "build_model_card": "hub.card",
-    "to_sparse_kernels": "inference.convert",
-    "to_dense_kernels": "inference.convert",
-    "SparseLinear2to4": "inference.convert",
-    "sparse_weight_memory": "inference.convert",
-    "SparseWeightMemory": "inference.convert",
+    "to_sparse_kernels": "inference",
+    "to_dense_kernels": "inference",
+    "SparseLinear2to4": "inference",
+    "sparse_weight_memory": "inference",
+    "SparseWeightMemory": "inference",
 }
 
 __all__ = ["__version__", *_LAZY]
@@ -77,23 +82,37 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .artefacts.export import apply_proxsparse, load_pruned, save_compact, save_dense, save_mask_adapter  # noqa: F401
-    from .artefacts.output_dir import load_output_dir, save_pruned_output  # noqa: F401
+    from .artefacts import (  # noqa: F401
+        apply_proxsparse,
+        load_output_dir,
+        load_pruned,
+        save_compact,
+        save_dense,
+        save_mask_adapter,
+        save_pruned_output,
+    )
     from .config import ProxSparseConfig  # noqa: F401
     from .data import load_calibration_data  # noqa: F401
     from .evaluation import EvalResults, evaluate_model, perplexity, zeroshot_eval  # noqa: F401
     from .hub.card import build_model_card  # noqa: F401
     from .hub.push import push_pruned_to_hub  # noqa: F401
-    from .inference.convert import (  # noqa: F401
+    from .inference import (  # noqa: F401
         SparseLinear2to4,
         SparseWeightMemory,
         sparse_weight_memory,
         to_dense_kernels,
         to_sparse_kernels,
     )
+    from .learning.importance import (  # noqa: F401
+        ImportanceMeasure,
+        get_importance,
+        importance_names,
+        register_importance,
+    )
     from .learning.learner import MaskLearner  # noqa: F401
     from .learning.prox import Prox2to4Batch, prox_2to4, prox_2to4_  # noqa: F401
     from .learning.regularizers import frozen_weight_grad, frozen_weight_regularizer, regularizer_2to4  # noqa: F401
+    from .learning.rescale import rescale_function_preserving  # noqa: F401
     from .learning.trainer import learn_mask  # noqa: F401
     from .masks import apply_2to4_masks, extract_2to4_masks, is_2to4, load_masks, mask_2to4, save_masks  # noqa: F401
     from .pruners import prune  # noqa: F401

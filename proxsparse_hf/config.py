@@ -10,32 +10,45 @@ from typing import Any
 
 from ._version import __version__
 from .constants import CONFIG_NAME, SUPPORTED_M, SUPPORTED_N
+from .utils import atomic_write_text
 
 __all__ = ["RECIPES", "ProxSparseConfig", "recipe_learning_rate"]
 
 LAMBDA_SCHEDULES = ("constant", "lr_scaled", "ramp")
 LAMBDA_SCALINGS = ("none", "weight_scale")
-IMPORTANCES = ("magnitude", "activation")
+STEP_SCALINGS = ("none", "weight_rms")
 
-# Named starting points (see README "Mask quality"): config fields plus the learning rate the recipe was measured with.
-# "recommended": activation importance + per-layer λ normalisation; SmolLM2-135M WikiText-2 71.3 (SparseGPT with weight
-# update 105.5, Wanda 207.7). "published": the paper's setting (|W| importance, one global λ; its λ is per model).
+# Named starting points (see README "Mask quality"): config fields plus the learning rate the recipe is trained with.
+# "recommended": activation importance, per-layer λ normalisation and per-layer relative steps, so one recipe means the
+# same on any model. Its learning rate is RELATIVE (step_scaling="weight_rms"): 0.01 = a step of about 1 % of each
+# layer's RMS(W0) per unit Adam step (the absolute 3e-3 measured best on SmolLM2-135M, WikiText-2 71.3 against SparseGPT
+# 105.5 and Wanda 207.7, is 1.6 % of its median layer RMS 0.19). "published": the paper's setting (|W| importance, one
+# global λ, absolute AdamW steps; its λ is per model).
 RECIPES: dict[str, dict[str, Any]] = {
     "recommended": {
-        "config": {"lambda1": 0.03, "lambda_scaling": "weight_scale", "importance": "activation"},
-        "learning_rate": 3e-3,
+        "config": {
+            "lambda1": 0.03,
+            "lambda_scaling": "weight_scale",
+            "importance": "activation",
+            "step_scaling": "weight_rms",
+        },
+        "learning_rate": 0.01,  # relative to each layer's RMS(W0) (step_scaling="weight_rms")
     },
     "published": {
-        "config": {"lambda1": 4.0, "lambda_scaling": "none", "importance": "magnitude"},
-        "learning_rate": 1e-4,
+        "config": {"lambda1": 4.0, "lambda_scaling": "none", "importance": "magnitude", "step_scaling": "none"},
+        "learning_rate": 1e-4,  # absolute (the paper's AdamW setting)
     },
 }
 
 
 def recipe_learning_rate(config: ProxSparseConfig) -> float:
-    """The learning rate a config's recipe was measured with: 3e-3 for ``importance="activation"`` (the recommended
-    recipe), 1e-4 (the paper's) otherwise."""
-    return RECIPES["recommended" if config.importance == "activation" else "published"]["learning_rate"]
+    """The default learning rate for ``config``: the learning rate of the recipe with the same ``step_scaling``, since
+    that decides what a learning rate means: relative to each layer's RMS (``"weight_rms"``: the recommended recipe's
+    0.01) or absolute (``"none"``: the paper's 1e-4)."""
+    for recipe in RECIPES.values():
+        if recipe["config"]["step_scaling"] == config.step_scaling:
+            return recipe["learning_rate"]
+    raise ValueError(f"`step_scaling`={config.step_scaling!r} has no recipe; allowed: one of {STEP_SCALINGS}.")
 
 
 SOLVER_BACKENDS = ("auto", "torch", "triton")
@@ -65,11 +78,19 @@ class ProxSparseConfig:
         lambda_scaling: ``"none"`` uses ``λ1`` as given for every layer (the paper). ``"weight_scale"`` divides ``λ1`` by
             each layer's RMS weight at the start, so the prox strength is the same for all layers relative to their scale
             (``R`` is cubic in ``|w|``: a global ``λ1`` is far weaker on small-scale layers).
-        importance: The per-weight score the regulariser and the final top-2 selection act on. ``"magnitude"`` (the
-            paper): ``|W|``. ``"activation"``: ``|W_ij|·s_j`` with ``s_j`` the RMS-normalised norm of input feature ``j``
-            over the first ``importance_batches`` training batches (Wanda's score). The prox then runs in the scaled
-            coordinates ``W·s`` (a diagonal-metric proximal step) and the mask keeps the two best scores per group, so a
-            mask that freezes early freezes at Wanda's choice instead of magnitude's.
+        importance: The per-weight score the regulariser and the final top-2 selection act on: the name of a registered
+            importance measure (:mod:`proxsparse_hf.learning.importance`). ``"magnitude"`` (the paper): ``|W|``.
+            ``"activation"``: ``|W_ij|·s_j`` with ``s_j`` the RMS-normalised norm of input feature ``j`` over the first
+            ``importance_batches`` training batches (Wanda's score). The prox then runs in the scaled coordinates ``W·s``
+            (a diagonal-metric proximal step) and the mask keeps the two best scores per group, so a mask that freezes
+            early freezes at Wanda's choice instead of magnitude's.
+        step_scaling: ``"none"`` (the paper): the optimizer's step is absolute, the same learning rate moves a weight by
+            the same amount in every layer and model. ``"weight_rms"``: the optimizer works on every target in units of
+            its layer's RMS(W0) (the weight divided and its gradient multiplied by it around the step; for Adam exactly a
+            per-layer learning rate ``lr · RMS(W0)``), so the learning rate is a *relative* step (0.01 = about 1 % of the
+            layer's RMS per unit Adam step) and one recipe means the same on any model. The frozen-weight term is then
+            also taken in those units (on ``W / RMS(W0)``, so ``ε`` is relative). No extra memory; global gradient
+            clipping is not scale-free, so ``learn_mask`` turns it off for this setting.
         importance_batches: Training batches used to measure the input-feature norms for ``importance="activation"``.
         prox_every_n_steps: Apply the prox operator every this many optimizer steps (>= 1).
         target_modules: ``"all-linear"`` (every Linear/Conv1D in the decoder blocks, never embeddings or the output layer),
@@ -108,7 +129,15 @@ class ProxSparseConfig:
     importance: str = field(
         default="magnitude",
         metadata={
-            "help": f"Score the prox and the final top-2 act on: one of {IMPORTANCES}; 'magnitude' is the paper's."
+            "help": "Score the prox and the final top-2 act on: a registered importance measure "
+            "(proxsparse_hf.learning.importance; built in: 'magnitude', the paper's, and 'activation')."
+        },
+    )
+    step_scaling: str = field(
+        default="none",
+        metadata={
+            "help": f"Per-layer scaling of the optimizer step: one of {STEP_SCALINGS}. 'weight_rms' makes the learning "
+            "rate relative to each layer's RMS(W0); 'none' (the paper's) keeps it absolute."
         },
     )
     importance_batches: int = field(
@@ -153,8 +182,10 @@ class ProxSparseConfig:
 
     @classmethod
     def recommended(cls, **overrides: Any) -> ProxSparseConfig:
-        """The recommended recipe: ``importance="activation"``, ``lambda_scaling="weight_scale"``, ``lambda1=0.03``;
-        train with learning rate 3e-3 and 10 % warm-up. Measured in ``benchmarks/results/quality_smollm2_h200.md``."""
+        """The recommended recipe: ``importance="activation"``, ``lambda_scaling="weight_scale"``, ``lambda1=0.03``,
+        ``step_scaling="weight_rms"``; train it with the *relative* learning rate ``RECIPES["recommended"]
+        ["learning_rate"]`` (a step relative to each layer's RMS(W0)), 10 % warm-up and no global gradient clipping
+        (``learn_mask`` and the CLI set both). Measured in ``benchmarks/results/quality_smollm2_h200.md``."""
         return cls.from_recipe("recommended", **overrides)
 
     def __post_init__(self) -> None:
@@ -179,8 +210,12 @@ class ProxSparseConfig:
             raise bad("lambda_schedule", f"one of {LAMBDA_SCHEDULES}")
         if self.lambda_scaling not in LAMBDA_SCALINGS:
             raise bad("lambda_scaling", f"one of {LAMBDA_SCALINGS}")
-        if self.importance not in IMPORTANCES:
-            raise bad("importance", f"one of {IMPORTANCES}")
+        from .learning.importance import importance_names  # the registry (imports torch only)
+
+        if self.importance not in importance_names():
+            raise bad("importance", f"one of {importance_names()}")
+        if self.step_scaling not in STEP_SCALINGS:
+            raise bad("step_scaling", f"one of {STEP_SCALINGS}")
         require_positive_int("importance_batches")
         require_positive_int("prox_every_n_steps")
         if isinstance(self.target_modules, tuple):
@@ -250,15 +285,7 @@ class ProxSparseConfig:
         data = self.to_dict()
         data["proxsparse_version"] = __version__
         path = os.path.join(save_directory, CONFIG_NAME)
-        fd, tmp = tempfile.mkstemp(prefix=".proxsparse_config.", dir=save_directory)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
         return path
 
     @classmethod

@@ -1,10 +1,38 @@
-"""Views of a weight in its 2:4 group layout, shared by the torch prox and the GPU kernels."""
+"""Views of a weight in its 2:4 group layout: the input dimension last (:func:`input_last`), groups of
+:data:`~proxsparse_hf.constants.SUPPORTED_M` consecutive input weights (:func:`weight_groups`) and the 2-D views the
+torch prox and the GPU kernels work on (:func:`as_2d`)."""
 
 from __future__ import annotations
 
 from torch import Tensor
 
-__all__ = ["as_2d", "per_weight"]
+from .constants import SUPPORTED_M
+
+__all__ = ["as_2d", "input_last", "per_weight", "weight_groups"]
+
+
+def input_last(tensor: Tensor, transposed: bool) -> Tensor:
+    """``tensor`` (shaped like a weight) with its input dimension last: ``tensor.t()`` (a view) when the weight is
+    stored ``[in, out]`` (``Conv1D``, ``transposed=True``), else ``tensor`` itself. Its own inverse: applied to a tensor
+    in the input-last layout it gives the storage layout back."""
+    return tensor.t() if transposed else tensor
+
+
+def weight_groups(tensor: Tensor, transposed: bool = False) -> Tensor:
+    """``tensor`` (shaped like a weight) as rows of ``SUPPORTED_M`` consecutive input weights: shape
+    ``[numel / SUPPORTED_M, SUPPORTED_M]``, a view when the input-last layout is contiguous, else a copy.
+
+    Raises:
+        ValueError: the input dimension is not divisible by ``SUPPORTED_M``.
+    """
+    grouped = input_last(tensor, transposed)
+    size = grouped.shape[-1] if grouped.dim() else 1
+    if size % SUPPORTED_M != 0:
+        raise ValueError(
+            f"Tensor of shape {tuple(tensor.shape)}{' (transposed)' if transposed else ''} cannot be split into groups "
+            f"of {SUPPORTED_M} along its input dimension ({size} is not divisible by {SUPPORTED_M})."
+        )
+    return grouped.reshape(-1, SUPPORTED_M)
 
 
 def as_2d(weight: Tensor) -> list[Tensor]:

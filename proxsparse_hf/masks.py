@@ -11,11 +11,13 @@ import re
 from collections.abc import Mapping
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from .constants import OUTPUT_LAYER_NAMES, SUPPORTED_M, SUPPORTED_N
+from .layout import input_last, weight_groups
 from .targets import Target, find_targets, match_module_name
+from .utils import save_safetensors_atomic
 
 __all__ = [
     "apply_2to4_masks",
@@ -31,23 +33,15 @@ __all__ = [
 _CHUNK_GROUPS = 1 << 20
 
 
-def _groups(tensor: torch.Tensor) -> torch.Tensor:
-    if tensor.shape[-1] % SUPPORTED_M != 0:
-        raise ValueError(
-            f"Tensor of shape {tuple(tensor.shape)} cannot be split into groups of {SUPPORTED_M} along its last dimension "
-            f"({tensor.shape[-1]} is not divisible by {SUPPORTED_M})."
-        )
-    return tensor.reshape(-1, SUPPORTED_M)
-
-
-def mask_2to4(tensor: torch.Tensor) -> torch.Tensor:
-    """Boolean mask keeping the 2 largest ``|x|`` of every group of 4 along the last dimension.
+def mask_2to4(tensor: torch.Tensor, *, transposed: bool = False) -> torch.Tensor:
+    """Boolean mask keeping the 2 largest ``|x|`` of every group of 4 along the last dimension (along dim 0 of a 2-D
+    tensor stored ``[in, out]`` when ``transposed``, as a ``Conv1D`` weight); shaped and laid out like ``tensor``.
 
     Ties are broken deterministically: at equal magnitude the lower index wins. NaNs count as the largest values.
     Ties are common in quantised checkpoints (e.g. 15% of SmolLM2-135M-Instruct's Q4_1 groups have equal 2nd and 3rd
     magnitudes), so magnitude pruning of such models depends on this rule.
     """
-    groups = _groups(tensor.detach())
+    groups = weight_groups(tensor.detach(), transposed)
     out = torch.empty(groups.shape, dtype=torch.bool, device=groups.device)
     # rank_i = #{j : |x_j| > |x_i|  or (|x_j| == |x_i| and j < i)}; keep rank < 2
     lower = torch.tril(torch.ones(SUPPORTED_M, SUPPORTED_M, dtype=torch.bool, device=groups.device), diagonal=-1)
@@ -57,7 +51,7 @@ def mask_2to4(tensor: torch.Tensor) -> torch.Tensor:
         a_j = mag.unsqueeze(1)  # [G, 1, j]
         beats = (a_j > a_i) | ((a_j == a_i) & lower)  # lower[i, j] = j < i
         out[start : start + _CHUNK_GROUPS] = beats.sum(dim=2) < SUPPORTED_N
-    return out.reshape(tensor.shape)
+    return input_last(out.reshape(input_last(tensor, transposed).shape), transposed).contiguous()
 
 
 def is_2to4(tensor: torch.Tensor, dim: int = -1) -> bool:
@@ -65,12 +59,12 @@ def is_2to4(tensor: torch.Tensor, dim: int = -1) -> bool:
     moved = tensor.detach().movedim(dim, -1)
     if moved.shape[-1] % SUPPORTED_M != 0:
         return False
-    return bool(((_groups(moved) != 0).sum(dim=1) <= SUPPORTED_N).all())
+    return bool(((weight_groups(moved) != 0).sum(dim=1) <= SUPPORTED_N).all())
 
 
 def fraction_2to4_groups(tensor: torch.Tensor) -> float:
     """Fraction of groups (along the last dimension) that already have at most 2 non-zeros."""
-    groups = _groups(tensor.detach())
+    groups = weight_groups(tensor.detach())
     if groups.shape[0] == 0:
         return 1.0
     return float(((groups != 0).sum(dim=1) <= SUPPORTED_N).float().mean())
@@ -80,7 +74,7 @@ def count_mask_flips(previous: torch.Tensor, current: torch.Tensor) -> int:
     """Number of groups whose kept positions differ between two masks of the same shape."""
     if previous.shape != current.shape:
         raise ValueError(f"Mask shapes differ: {tuple(previous.shape)} vs {tuple(current.shape)}.")
-    return int((_groups(previous) != _groups(current)).any(dim=1).sum())
+    return int((weight_groups(previous) != weight_groups(current)).any(dim=1).sum())
 
 
 def _state_dict_targets(state_dict: Mapping[str, torch.Tensor], config) -> dict[str, bool]:
@@ -133,12 +127,11 @@ def extract_2to4_masks(
         if targets is None:
             targets = find_targets(model_or_state_dict, config)
         for target in targets.values():
-            mask = mask_2to4(target.grouped(target.weight.detach()).contiguous())
-            masks[target.param_name] = mask.t().contiguous() if target.transposed else mask
+            masks[target.param_name] = mask_2to4(target.weight.detach(), transposed=target.transposed)
         return masks
     for key, transposed in _state_dict_targets(model_or_state_dict, config).items():
         weight = model_or_state_dict[key]
-        masks[key] = mask_2to4(weight.t().contiguous()).t().contiguous() if transposed else mask_2to4(weight)
+        masks[key] = mask_2to4(weight, transposed=transposed)
     return masks
 
 
@@ -180,10 +173,7 @@ def save_masks(
 ) -> None:
     """Save masks as a safetensors file of ``bool`` tensors (written atomically)."""
     tensors = {name: mask.detach().to("cpu", torch.bool).contiguous() for name, mask in masks.items()}
-    path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    save_file(tensors, tmp, metadata={"format": "proxsparse-2:4-masks", **(metadata or {})})
-    os.replace(tmp, path)
+    save_safetensors_atomic(tensors, path, metadata={"format": "proxsparse-2:4-masks", **(metadata or {})})
 
 
 def load_masks(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:

@@ -11,7 +11,9 @@ import torch
 from torch import nn
 
 from .constants import SUPPORTED_M, SUPPORTED_N
+from .layout import weight_groups
 from .targets import Target, find_targets, is_target_type
+from .utils import atomic_write_json
 
 __all__ = ["LayerSparsity", "SparsityReport", "sparsity_report"]
 
@@ -99,12 +101,7 @@ class SparsityReport:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the report as JSON (atomically)."""
-        path = os.fspath(path)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(self.to_dict(), fh, indent=2)
-            fh.write("\n")
-        os.replace(tmp, path)
+        atomic_write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> SparsityReport:
@@ -136,9 +133,8 @@ class SparsityReport:
 
 
 def _layer_row(target: Target) -> LayerSparsity:
-    weight = target.grouped(target.weight.detach())
-    nonzero_per_group = (weight.reshape(-1, SUPPORTED_M) != 0).sum(dim=1)
-    numel = weight.numel()
+    nonzero_per_group = (weight_groups(target.weight.detach(), target.transposed) != 0).sum(dim=1)
+    numel = target.weight.numel()
     zeros = int(numel - int(nonzero_per_group.sum()))
     frac = float((nonzero_per_group <= SUPPORTED_N).float().mean()) if nonzero_per_group.numel() else 1.0
     return LayerSparsity(

@@ -44,6 +44,7 @@ from torch import nn
 
 from .config import ProxSparseConfig
 from .constants import CONFIG_NAME, MASKS_NAME, SUPPORTED_M, SUPPORTED_N
+from .layout import input_last
 from .masks import is_2to4, load_masks, mask_2to4
 from .targets import is_target_type, module_input_dim
 
@@ -164,7 +165,7 @@ class SparseLoraLinear(LoraLinear):
 
     def _masked_delta(self, adapter: str) -> torch.Tensor:
         """``(B·A·scaling) ⊙ M`` in ``nn.Linear`` layout ``[out, in]``, differentiable w.r.t. ``A`` and ``B``."""
-        mask = self.proxsparse_mask.t() if self.fan_in_fan_out else self.proxsparse_mask
+        mask = input_last(self.proxsparse_mask, self.fan_in_fan_out)
         return (self.lora_B[adapter].weight @ self.lora_A[adapter].weight) * mask * self.scaling[adapter]
 
     def _can_fuse(self, adapters: list[str], args: tuple, kwargs: dict) -> bool:
@@ -199,7 +200,7 @@ class SparseLoraLinear(LoraLinear):
             # One dense matmul with the effective weight W0 + Σ ΔW ⊙ M (instead of the base matmul plus a dense delta
             # matmul), in the base weight's dtype: the forward sees exactly the weights merge_sparse will write.
             base = self.get_base_layer()
-            weight = base.weight.t() if self.fan_in_fan_out else base.weight
+            weight = input_last(base.weight, self.fan_in_fan_out)
             effective = weight + sum(self._masked_delta(a).to(weight.dtype) for a in adapters)
             return F.linear(x.to(weight.dtype), effective, base.bias)
         result = self.base_layer(x, *args, **kwargs)
@@ -224,7 +225,7 @@ def _module_name(weight_name: str) -> str:
 
 def _grouped(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` (shaped like ``module.weight``) with the input dimension last."""
-    return tensor.t() if module_input_dim(module) == 0 else tensor
+    return input_last(tensor, module_input_dim(module) == 0)
 
 
 def _infer_masks(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -232,10 +233,9 @@ def _infer_masks(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, module in model.named_modules():
         if not name or not is_target_type(module) or module.weight.dim() != 2:
             continue
-        grouped = _grouped(module, module.weight.detach())
-        if grouped.shape[-1] % SUPPORTED_M != 0 or not is_2to4(grouped):
+        if not is_2to4(_grouped(module, module.weight.detach())):
             continue
-        masks[name] = _grouped(module, mask_2to4(grouped.contiguous())).contiguous()
+        masks[name] = mask_2to4(module.weight.detach(), transposed=module_input_dim(module) == 0)
     return masks
 
 

@@ -14,13 +14,14 @@ One matching function serves the whole library (mask learning, baselines, export
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .constants import OUTPUT_LAYER_NAMES, SUPPORTED_M
+from .layout import input_last
 
 __all__ = [
     "Target",
@@ -80,7 +81,7 @@ class Target:
     def grouped(self, tensor: torch.Tensor) -> torch.Tensor:
         """View of ``tensor`` (shaped like this target's weight) with the input dimension last, so groups of 4 are
         consecutive along the last dimension. A view: writing into it writes into ``tensor``."""
-        return tensor.t() if self.transposed else tensor
+        return input_last(tensor, self.transposed)
 
 
 def match_module_name(name: str, patterns: str | Sequence[str] | None) -> bool:
@@ -178,8 +179,3 @@ def _check_shape(target: Target) -> None:
             f"Target `{target.name}` has weight shape {shape} whose input dimension ({in_features}) is not divisible by "
             f"{SUPPORTED_M}; 2:4 sparsity needs groups of {SUPPORTED_M} input features. Exclude it with `exclude_modules`."
         )
-
-
-def target_param_names(targets: Iterable[Target]) -> list[str]:
-    """``state_dict`` names of the targets' weights."""
-    return [t.param_name for t in targets]

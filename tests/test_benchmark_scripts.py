@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -158,3 +160,111 @@ def test_dispatch_overhead_measures_both_modules_on_cpu(tmp_path, capsys):
         with pytest.raises(SystemExit):
             module.main(["--device", "cpu", "--out", str(tmp_path / "bad.json"), *args])
         assert message in capsys.readouterr().err and not (tmp_path / "bad.json").exists()
+
+
+# ------------------------------------------------------------------------------------------------ quality benchmarks
+def _quality_experiment(tmp_path, corpus: str, model_dir: str) -> Path:
+    experiment = {
+        "model": model_dir,
+        "seed": 0,
+        "calibration": {"dataset": corpus, "start": 0, "stop": None, "seq_len": 32, "n_samples": 4},
+        "evaluation": {"datasets": [corpus], "seq_len": 16, "batch_size": 2, "max_windows": 4},
+        "runs": [
+            {"name": "dense", "method": "dense"},
+            {"name": "magnitude", "method": "magnitude"},
+            {"name": "sparsegpt-mask", "method": "sparsegpt", "options": {"update_weights": False}},
+            {"name": "sparsegpt", "method": "sparsegpt"},
+            {
+                "name": "ps",
+                "method": "proxsparse",
+                "config": {"lambda1": 0.1},
+                "training": {"learning_rate": 1e-3, "warmup_ratio": 0.0, "unknown_key": 1},
+                "logging_steps": 1,
+            },
+        ],
+    }
+    path = tmp_path / "experiment.json"
+    path.write_text(json.dumps(experiment))
+    return path
+
+
+def test_quality_run_options_come_from_the_experiment_and_the_registry():
+    quality = _load("quality")
+    exp = {"seed": 3, "runs": []}
+    learned = quality.method_run(
+        exp,
+        {"name": "ps", "method": "proxsparse", "training": {"learning_rate": 1e-3, "other": 1}, "config": {}},
+        max_steps=5,
+        solver_backend="torch",
+    )
+    assert learned.name == "ps" and learned.config.solver_backend == "torch"
+    assert dict(learned.options) == {"learning_rate": 1e-3, "max_steps": 5, "logging_steps": 10, "seed": 3}
+    mask = quality.method_run(exp, {"name": "m", "method": "sparsegpt", "options": {"update_weights": False}})
+    full = quality.method_run(exp, {"name": "s", "method": "sparsegpt"})
+    wanda = quality.method_run(exp, {"name": "w", "method": "wanda", "description": "d"})
+    assert [quality.mask_only(r) for r in (mask, full, wanda)] == [True, False, True]
+    assert wanda.description == "d" and dict(full.options) == {}
+    with pytest.raises(ValueError, match=r"`method`='obs' is invalid"):
+        quality.method_run(exp, {"name": "o", "method": "obs"})
+
+
+def test_quality_scripts_run_through_the_comparison_runner(tmp_path, capsys):
+    """quality.py → comparison file + table + mask adapters; plot_quality.py → figures; quality_zeroshot.py → the
+    saved masks scored zero-shot. A tiny model on the CPU."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_evaluation import CORPUS, ZEROSHOT_DIR, byte_model, byte_tokenizer, write_jsonl
+
+    from proxsparse_hf.evaluation import load_comparison
+
+    model_dir = str(tmp_path / "tiny")
+    byte_model().save_pretrained(model_dir)
+    byte_tokenizer().save_pretrained(model_dir)
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", CORPUS * 6)
+    experiment = _quality_experiment(tmp_path, corpus, model_dir)
+    out, masks = tmp_path / "quality.json", tmp_path / "masks"
+    argv = [str(experiment), "--output", str(out), "--save-masks", str(masks), "--max-steps", "2", "--device", "cpu"]
+    assert _load("quality").main(argv) == 0
+    # (the Trainer prints its own log dicts to stdout too, as Python reprs)
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith('{"')]
+    assert [line["name"] for line in lines] == ["dense", "magnitude", "sparsegpt-mask", "sparsegpt", "ps"]
+    results = load_comparison(out)
+    by_label = {r.label: r for r in results}
+    assert list(by_label) == [line["name"] for line in lines]
+    assert all(r.perplexity["corpus.jsonl"]["num_windows"] == 4 for r in results)
+    assert by_label["ps"].telemetry and by_label["ps"].method_config["training"]["max_steps"] == 2
+    assert by_label["sparsegpt-mask"].method_config["calibration"]["n_samples"] == 4
+    assert [r.sparsity["all_2to4"] for r in results] == [False, True, True, True, True]
+    assert "| ps | proxsparse |" in (tmp_path / "quality.md").read_text()
+    assert sorted(os.listdir(masks)) == ["magnitude", "ps", "sparsegpt-mask"]  # mask-only runs
+    assert str(tmp_path) not in out.read_text()
+
+    # re-running one run keeps the others
+    assert _load("quality").main([*argv[:3], "--runs", "dense", "--device", "cpu"]) == 0
+    assert [r.label for r in load_comparison(out)] == ["magnitude", "sparsegpt-mask", "sparsegpt", "ps", "dense"]
+    with pytest.raises(SystemExit):
+        _load("quality").main([*argv[:3], "--runs", "nope"])
+    assert "unknown run(s) ['nope']" in capsys.readouterr().err
+
+    pytest.importorskip("matplotlib")
+    assert _load("plot_quality").main([str(out), "--runs", "dense,ps,magnitude"]) == 0
+    for suffix in ("_ppl.png", "_telemetry.png"):
+        assert (tmp_path / f"quality{suffix}").read_bytes()[:4] == b"\x89PNG"
+
+    pytest.importorskip("lm_eval")
+    data_dir = tmp_path / "zeroshot"
+    data_dir.mkdir()
+    with open(os.path.join(ZEROSHOT_DIR, "piqa.jsonl"), encoding="utf-8") as src:
+        (data_dir / "piqa.jsonl").write_text("".join(next(src) for _ in range(4)), encoding="utf-8")
+    zs_out = tmp_path / "zeroshot.json"
+    zs_argv = [str(experiment), "--runs", "dense,ps,wanda-like", "--masks", str(masks), "--tasks", "piqa"]
+    with pytest.raises(SystemExit):
+        _load("quality_zeroshot").main([*zs_argv, "--output", str(zs_out)])
+    assert "unknown run(s) ['wanda-like']" in capsys.readouterr().err
+    zs_argv = [str(experiment), "--runs", "dense,ps,sparsegpt", "--masks", str(masks), "--tasks", "piqa"]
+    zs_argv += ["--limit", "2", "--batch-size", "2", "--data-dir", str(data_dir), "--output", str(zs_out)]
+    assert _load("quality_zeroshot").main(zs_argv) == 0
+    scored = {r.label: r for r in load_comparison(zs_out)}
+    assert list(scored) == ["dense", "ps", "sparsegpt"]
+    assert all(r.zeroshot["piqa"]["num_samples"] == 2 and r.perplexity == {} for r in scored.values())
+    assert scored["ps"].method_config["mask_source"] == "ps" and scored["ps"].sparsity["all_2to4"] is True
+    assert scored["sparsegpt"].method_config["calibration"]["n_samples"] == 4  # pruned here

@@ -8,9 +8,10 @@ import torch
 from tiny_models import random_windows, tiny_model
 from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
 
-from proxsparse_hf import ProxSparseConfig, is_2to4
+from proxsparse_hf import ProxSparseConfig, extract_2to4_masks, is_2to4
 from proxsparse_hf.data import TokenWindows
 from proxsparse_hf.learning.learner import SNAPSHOT_NAME, MaskLearner
+from proxsparse_hf.learning.prox import Prox2to4Batch
 from proxsparse_hf.learning.regularizers import frozen_weight_grad
 from proxsparse_hf.learning.trainer import warmup_arguments
 from trainer_callbacks import ProxSparseCallback
@@ -89,8 +90,6 @@ def test_end_to_end(family, tmp_path):
 
 def test_masks_come_from_learning_not_magnitude(tmp_path):
     """With a strong prox the learned mask differs from magnitude pruning somewhere."""
-    from proxsparse_hf import extract_2to4_masks
-
     model = tiny_model("llama")
     magnitude = extract_2to4_masks(model)
     _, cb = _train(model, tmp_path, ProxSparseConfig(lambda1=5.0, lambda_scaling="weight_scale"), learning_rate=5e-2)
@@ -122,17 +121,32 @@ def test_metrics_reach_log_history_later_callbacks_and_tensorboard(tmp_path):
     assert {f"train/{k}" for k in keys[:1] + keys[2:]} <= tags
 
 
-def test_resume_gives_bit_identical_masks(tmp_path):
-    config = ProxSparseConfig(lambda1=2.0, lambda_scaling="weight_scale")
-    _, full = _train(tiny_model("llama"), tmp_path / "a", config, save_strategy="steps", save_steps=3)
+@pytest.mark.parametrize(
+    "config",
+    [
+        ProxSparseConfig(lambda1=2.0, lambda_scaling="weight_scale"),
+        ProxSparseConfig(lambda1=2.0, lambda_scaling="weight_scale", step_scaling="weight_rms", lambda2=1.0),
+    ],
+    ids=["absolute", "relative"],
+)
+def test_resume_gives_bit_identical_masks(tmp_path, config):
+    """Resuming restores the snapshot, and with it the per-layer scales (λ1's and the relative step's RMS(W0))."""
+    lr = 5e-3 if config.step_scaling == "none" else 0.2  # a relative step: 20 % of the layer's RMS per unit step
+    _, full = _train(
+        tiny_model("llama"), tmp_path / "a", config, save_strategy="steps", save_steps=3, learning_rate=lr
+    )
     checkpoint = tmp_path / "a" / "trainer" / "checkpoint-3"
     assert (checkpoint / SNAPSHOT_NAME).is_file()
     model = tiny_model("llama")
-    _, resumed = _train(model, tmp_path / "a", config, resume=str(checkpoint), save_strategy="steps", save_steps=3)
+    _, resumed = _train(
+        model, tmp_path / "a", config, resume=str(checkpoint), save_strategy="steps", save_steps=3, learning_rate=lr
+    )
     assert full.masks.keys() == resumed.masks.keys()
     assert all(torch.equal(full.masks[k], resumed.masks[k]) for k in full.masks)
+    assert resumed.learner.weight_rms == full.learner.weight_rms
     reference = tiny_model("llama").state_dict()  # resumed run still applies the masks to the ORIGINAL weights
     _check_pruned(model, reference, resumed)
+    assert any(not torch.equal(full.masks[k], mask) for k, mask in extract_2to4_masks(tiny_model("llama")).items())
 
 
 def test_resume_without_snapshot_is_a_clear_error(tmp_path):
@@ -144,12 +158,40 @@ def test_resume_without_snapshot_is_a_clear_error(tmp_path):
         _train(tiny_model("llama"), tmp_path, config, resume=str(checkpoint))
 
 
-def test_grad_accumulation_lambda2_and_prox_every(tmp_path):
+def _record_prox_strengths(monkeypatch) -> list[float]:
+    """The λ of every batched prox call (one per prox step), in order."""
+    calls: list[float] = []
+    original_call = Prox2to4Batch.__call__
+
+    def recording(self, lam):
+        calls.append(lam)
+        return original_call(self, lam)
+
+    monkeypatch.setattr(Prox2to4Batch, "__call__", recording)
+    return calls
+
+
+def test_grad_accumulation_lambda2_and_prox_every(tmp_path, monkeypatch):
+    """``prox_every_n_steps=2`` runs the prox at optimizer steps 2, 4, 6 only, and ``ramp`` gives it λ1·t/T there."""
+    calls = _record_prox_strengths(monkeypatch)
     model = tiny_model("qwen2")
     original = {k: v.clone() for k, v in model.state_dict().items()}
     config = ProxSparseConfig(lambda1=1.0, lambda2=1.0, epsilon=0.1, prox_every_n_steps=2, lambda_schedule="ramp")
     _, cb = _train(model, tmp_path, config, gradient_accumulation_steps=2)
+    assert calls == pytest.approx([2 / 6, 4 / 6, 6 / 6])
     _check_pruned(model, original, cb)
+
+
+def test_lr_scaled_prox_uses_the_scheduled_learning_rate(tmp_path, monkeypatch):
+    """``lambda_schedule="lr_scaled"``: λ1 times the learning rate of the step (linear schedule, 1 warm-up step of 6:
+    0 at step 1, so no prox, then 5e-3·(6 − k)/5 for k = 1..5)."""
+    calls = _record_prox_strengths(monkeypatch)
+    config = ProxSparseConfig(lambda1=3.0, lambda_schedule="lr_scaled")
+    _train(tiny_model("llama"), tmp_path, config)
+    assert calls == pytest.approx([3.0 * 5e-3 * (6 - k) / 5 for k in range(1, 6)])
+    learner = MaskLearner(tiny_model("llama"), config)
+    with pytest.raises(ValueError, match="'lr_scaled' needs the current learning rate"):
+        learner.prox_step(1, 6)
 
 
 def test_gradient_checkpointing_with_frozen_embeddings(tmp_path):
@@ -168,11 +210,27 @@ def test_bf16_weights(tmp_path):
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
 
 
+class _NonTargetsAtLastStep(TrainerCallback):
+    """Copies the non-target parameters at the end of the last step, before ``on_train_end`` restores them."""
+
+    def __init__(self, names):
+        self.names, self.values = names, {}
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == state.max_steps:
+            self.values = {n: p.detach().clone() for n, p in model.named_parameters() if n in self.names}
+
+
 def test_train_non_target_params_are_restored(tmp_path):
     model = tiny_model("phi")
     original = {k: v.clone() for k, v in model.state_dict().items()}
-    _, cb = _train(model, tmp_path, ProxSparseConfig(lambda1=1.0, train_non_target_params=True), learning_rate=5e-2)
-    _check_pruned(model, original, cb)
+    targets = {t.param_name for t in MaskLearner(model, ProxSparseConfig()).targets.values()}
+    recorder = _NonTargetsAtLastStep({n for n, _ in model.named_parameters()} - targets)
+    config = ProxSparseConfig(lambda1=1.0, train_non_target_params=True)
+    _, cb = _train(model, tmp_path, config, callbacks=[recorder], learning_rate=5e-2)
+    changed = [n for n, value in recorder.values.items() if not torch.equal(value, original[n])]
+    assert len(recorder.values) > 0 and len(changed) == len(recorder.values)  # they did train...
+    _check_pruned(model, original, cb)  # ...and are back to their original values
 
 
 def test_device_map_model(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -10,22 +11,16 @@ from conftest import REAL_MODEL_GGUF, real_model_dir
 from huggingface_hub import HfApi, ModelCard
 from tiny_models import tiny_model
 
-from proxsparse_hf.artefacts.output_dir import load_output_dir, save_pruned_output
+from proxsparse_hf.artefacts import load_output_dir, save_pruned_output
 from proxsparse_hf.config import ProxSparseConfig
 from proxsparse_hf.constants import EVAL_RESULTS_NAME
 from proxsparse_hf.evaluation.results import EvalResults
-from proxsparse_hf.hub.card import (
-    CHART_NAME,
-    CITATION,
-    build_model_card,
-    check_model_card,
-    inherit_license,
-    load_comparison,
-    normalize_results,
-    render_perplexity_chart,
-    save_model_card,
-)
+from proxsparse_hf.hub.card import CITATION, build_model_card, save_model_card
+from proxsparse_hf.hub.checks import check_model_card
+from proxsparse_hf.hub.facts import inherit_license
+from proxsparse_hf.hub.results import CHART_NAME, card_results, eval_table, model_index
 from proxsparse_hf.masks import apply_2to4_masks, extract_2to4_masks
+from proxsparse_hf.pruners import get_pruner
 
 RUN_INFO = {
     "calibration": {
@@ -130,10 +125,10 @@ def test_full_card_metadata_and_sections(output, tmp_path):
         "Target sparsity 50.00%",
         "`model.layers.1.mlp.down_proj.weight`",
         "Modules that stayed dense: `lm_head`.",
-        "| dense (not pruned) | 20.50 | 70.0 | 66.0 | 68.0 |",
-        "| magnitude pruning | 310.00 | 52.0 | 50.0 | 51.0 |",
-        "| SparseGPT (mask only) | 60.00 | – | – | – |",
-        "| **this model (ProxSparse)** | 41.25 | 61.0 | 58.0 | 59.5 |",
+        f"| {get_pruner('dense').label} | 20.50 | 70.0 | 66.0 | 68.0 |",
+        f"| {get_pruner('magnitude').label} | 310.00 | 52.0 | 50.0 | 51.0 |",
+        f"| {get_pruner('sparsegpt').label} (mask only) | 60.00 | – | – | – |",
+        f"| **this model ({get_pruner('proxsparse').label})** | 41.25 | 61.0 | 58.0 | 59.5 |",
         f"![Perplexity of the dense model and the 2:4 models]({CHART_NAME})",
         'load_pruned("alice/base-2of4"',
         "```bash\nproxsparse learn org/base --dataset c4.jsonl",
@@ -141,7 +136,11 @@ def test_full_card_metadata_and_sections(output, tmp_path):
         "512-token windows, 2,048 tokens",
     ):
         assert expected in body, expected
-    assert body.index("| dense (not pruned)") < body.index("| magnitude") < body.index("| **this model")
+    assert (
+        body.index(f"| {get_pruner('dense').label} |")
+        < body.index(f"| {get_pruner('magnitude').label} |")
+        < body.index("| **this model")
+    )
 
 
 @pytest.mark.parametrize(
@@ -243,26 +242,30 @@ def test_check_model_card_refusals(output):
             check_model_card(text)
 
 
-def test_results_normalisation(tmp_path):
-    row = normalize_results(_eval("sparsegpt", 60.0, piqa=0.5))
-    assert row.label == "sparsegpt-mask" and row.perplexity == {"wikitext2": 60.0} and row.zeroshot_mean == 0.5
-    plain = normalize_results(
-        {"perplexity": {"wikitext2": {"ppl": 12.0}, "c4": 15.0}, "zeroshot": {"piqa": 0.7}, "method": "wanda"}
-    )
-    assert (
-        plain.label == "wanda"
-        and plain.perplexity == {"wikitext2": 12.0, "c4": 15.0}
-        and plain.zeroshot == {"piqa": 0.7}
-    )
-    assert normalize_results({"perplexity": {"wikitext2": 3.0}}).label == "proxsparse"
-    with pytest.raises(ValueError, match="hold no perplexity or zero-shot number"):
-        normalize_results({"perplexity": {"wikitext2": {"ppl": float("nan")}}})
-    with pytest.raises(ValueError, match="must be EvalResults or a dict"):
-        normalize_results([1, 2])
+def test_card_results_read_eval_results(output, tmp_path):
+    own = _eval("sparsegpt", 60.0, piqa=0.5)
+    rows, mine = card_results(own.to_dict(), None)
+    assert rows == [mine] and isinstance(mine, EvalResults)
+    assert mine.label == "sparsegpt-mask" and mine.ppl("wikitext2") == 60.0 and mine.zeroshot_mean == 0.5
+    assert mine.display_label == f"{get_pruner('sparsegpt').label} (mask only)"
     path = tmp_path / "rows.json"
     path.write_text(json.dumps([_eval("dense", 10.0).to_dict()]))
-    assert [r.label for r in load_comparison(str(path))] == ["dense"]
+    assert [r.label for r in card_results(own, str(path))[0]] == ["dense", "sparsegpt-mask"]
     _eval("magnitude", 99.0).save(tmp_path)
-    assert [r.perplexity for r in load_comparison(str(tmp_path))] == [{"wikitext2": 99.0}]
-    assert load_comparison(None) == []
-    assert render_perplexity_chart([normalize_results({"zeroshot": {"piqa": 0.5}})], tmp_path / "c.png") is None
+    assert [r.ppl("wikitext2") for r in card_results(None, str(tmp_path))[0]] == [99.0]
+    assert card_results(None, None) == ([], None)
+    with pytest.raises(ValueError, match="hold no perplexity or zero-shot number"):
+        card_results(EvalResults(model="org/base", method="wanda"), None)
+    with pytest.raises(ValueError, match=r"evaluation results are invalid: .*missing the required key"):
+        card_results({"perplexity": {"wikitext2": 3.0}}, None)  # a bare dict is not EvalResults
+    with pytest.raises(ValueError, match="must be EvalResults or a dict"):
+        card_results(None, [1, 2])
+    # a diverged perplexity stays in the table but not in the model-index (the Hub takes finite numbers only)
+    diverged = _eval("wanda", float("inf"), piqa=0.25)
+    assert "| inf | 25.0 |" in eval_table([diverged], diverged)
+    assert [r.metric_type for r in model_index(diverged)] == ["accuracy"]
+    # no perplexity anywhere: the card has no chart
+    out, _, _ = output
+    zeroshot_only = EvalResults(model="org/base", method="proxsparse", zeroshot={"piqa": {"acc": 0.5}})
+    files = save_model_card(dataclasses.replace(out, eval_results=zeroshot_only.to_dict()), tmp_path / "z")
+    assert [os.path.basename(f) for f in files] == ["README.md"] and "![" not in open(files[0]).read()

@@ -2,14 +2,17 @@
 
 import json
 import os
+import shlex
+import stat
 
 import pytest
 import torch
 from conftest import C4_VALIDATION, REAL_MODEL_GGUF, real_model_dir
+from tiny_data import word_tokenizer
 from tiny_models import tiny_corpus, tiny_model, tiny_tokenizer
 
 from proxsparse_hf import ProxSparseConfig, is_2to4, load_masks
-from proxsparse_hf.artefacts.output_dir import load_output_dir
+from proxsparse_hf.artefacts import load_output_dir
 from proxsparse_hf.cli import main
 from proxsparse_hf.constants import CONFIG_NAME, MASKS_NAME, REPORT_NAME, RUN_INFO_NAME, TRAINING_LOG_NAME
 from proxsparse_hf.learning.distill import distillation_loss
@@ -73,7 +76,10 @@ def test_learn_writes_the_output_folder(tiny_setup, capsys):
     assert result.method == "proxsparse" and result.report.all_2to4
     assert result.config.lambda1 == 2.0 and result.config.base_model_name_or_path == str(tmp / "model")
     assert result.run_info["calibration"]["tokens"] == 8 * 32
-    assert result.run_info["command"].startswith("proxsparse ") or result.run_info["command"]
+    argv = [str(tmp / "model"), "--dataset", str(tmp / "calib.jsonl"), "--seq-len", "32", "--n-samples", "8"]
+    assert result.run_info["command"].startswith(shlex.join(["proxsparse", "learn", *argv, "--lr", "5e-3"]))
+    assert result.run_info["command"].endswith(shlex.join(["--output-dir", str(out)]))
+    assert result.run_info["calibration"]["bos"] is False and result.run_info["calibration"]["seed"] == 0
     log = json.loads((out / TRAINING_LOG_NAME).read_text())
     assert any("proxsparse/frac_2to4" in entry for entry in log)
     from transformers import AutoModelForCausalLM
@@ -85,6 +91,21 @@ def test_learn_writes_the_output_folder(tiny_setup, capsys):
         assert torch.equal(pruned[name][mask], original[name][mask])
     for name in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"):
         assert torch.equal(pruned[name], original[name])
+
+
+def test_learn_fewer_steps_than_logging_steps_still_reports_a_loss_and_uses_the_umask(tiny_setup, capsys):
+    tmp, _ = tiny_setup
+    previous = os.umask(0o022)
+    try:
+        assert _learn(tmp, "--n-samples", "2", "--logging-steps", "50") == 0
+    finally:
+        os.umask(previous)
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["steps"] == 2 and isinstance(summary["final_loss"], float) and summary["final_loss"] > 0
+    out = tmp / "out"
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    for name in (MASKS_NAME, RUN_INFO_NAME, REPORT_NAME, "model.safetensors", "tokenizer.json"):
+        assert stat.S_IMODE((out / name).stat().st_mode) == 0o644, name
 
 
 def test_learn_refuses_non_empty_output_before_loading(tiny_setup):
@@ -105,7 +126,9 @@ def test_learn_refuses_non_empty_output_before_loading(tiny_setup):
         (["--lr", "0"], "--lr"),
         (["--seq-len", "1024"], "exceeds the model's max_position_embeddings=256"),
         (["--n-samples", "500"], "yields only"),
-        (["--distill-alpha", "2"], "distill_alpha"),
+        (["--distill-alpha", "2"], "`--distill-alpha`=2.0 is invalid; allowed: a number in [0, 1]"),
+        (["--lr", "nan"], "`--lr`=nan is invalid; allowed: a finite number > 0"),
+        (["--target-modules", "no_such_proj"], "matched no nn.Linear/Conv1D module of LlamaForCausalLM"),
     ],
 )
 def test_learn_bad_input_is_one_clear_error(tiny_setup, capsys, flags, match):
@@ -113,7 +136,74 @@ def test_learn_bad_input_is_one_clear_error(tiny_setup, capsys, flags, match):
     with pytest.raises(SystemExit) as exc:
         _learn(tmp, *flags)
     assert exc.value.code == 2
-    assert match in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("proxsparse learn: error: ") and match in err, err
+    assert not (tmp / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--target-modules", "q_proj", "v_proj"], ["q_proj", "v_proj"]),
+        (["--target-modules", "q_proj,v_proj"], ["q_proj", "v_proj"]),
+        (["--target-modules", "q_proj"], ["q_proj"]),
+        (["--target-modules", "self_attn.o_proj"], ["self_attn.o_proj"]),
+        (["--target-modules", r"model\.layers\.0\..*"], r"model\.layers\.0\..*"),
+        (["--target-modules", r"model\.layers\.[0-9]{1,2}\.mlp\..*"], r"model\.layers\.[0-9]{1,2}\.mlp\..*"),
+        (["--step-scaling", "none"], None),
+    ],
+)
+def test_learn_flags_build_the_config(flags, expected):
+    from proxsparse_hf.cli import build_parser
+    from proxsparse_hf.commands.learn import build_config
+
+    args = build_parser().parse_args(["learn", "M", "--dataset", "d.jsonl", "-o", "out", *flags])
+    config = build_config(args)
+    if expected is not None:
+        assert config.target_modules == expected
+    else:
+        assert config.step_scaling == "none" and config.importance == "activation"  # the rest is the recipe's
+
+
+def test_learn_help_formats_the_recipes_and_documents_every_flag(capsys):
+    from proxsparse_hf.cli import build_parser
+    from proxsparse_hf.config import RECIPES
+
+    parser = build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["learn", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for recipe in RECIPES.values():
+        assert f"learning rate {recipe['learning_rate']:g}" in text
+        assert f"lambda1={recipe['config']['lambda1']}" in text
+    assert "with weight_rms the learning rate (--lr) is relative to each layer's RMS(W0)" in text
+    learn = parser._subparsers._group_actions[0].choices["learn"]
+    undocumented = [a.option_strings or a.dest for a in learn._actions if not a.help]
+    assert undocumented == []
+
+
+@pytest.mark.parametrize("no_bos", [False, True])
+def test_learn_on_the_c4_sample_uses_calibration_documents_and_records_bos(tiny_setup, no_bos):
+    tmp, _ = tiny_setup
+    word_tokenizer(add_bos=True).save_pretrained(tmp / "model")  # a Llama-like tokenizer that prepends BOS
+    argv = ["learn", str(tmp / "model"), "--dataset", C4_VALIDATION, "--seq-len", "32", "--n-samples", "2"]
+    argv += ["--device", "cpu", "--output-dir", str(tmp / "out")] + (["--no-bos"] if no_bos else [])
+    assert main(argv) == 0
+    calibration = load_output_dir(tmp / "out").run_info["calibration"]
+    assert calibration["documents"] == [0, 1000]  # no --doc-stop: the C4 sample's calibration documents
+    assert calibration["source"] == os.path.abspath(C4_VALIDATION) and calibration["dataset"] == C4_VALIDATION
+    assert calibration["bos"] is (not no_bos) and calibration["streaming"] is False
+
+
+@pytest.mark.parametrize("flags", [["--doc-stop", "1500"], ["--doc-start", "1200"]])
+def test_learn_refuses_calibration_on_evaluation_documents(tiny_setup, capsys, flags):
+    tmp, _ = tiny_setup
+    argv = ["learn", str(tmp / "model"), "--dataset", C4_VALIDATION, "--output-dir", str(tmp / "out"), *flags]
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "overlap documents [1000, 2000) reserved for c4 evaluation" in err and "within [0, 1000)" in err
     assert not (tmp / "out").exists()
 
 

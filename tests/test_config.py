@@ -10,6 +10,7 @@ from proxsparse_hf.constants import CONFIG_NAME
 def test_defaults_follow_the_paper():
     c = ProxSparseConfig()
     assert c.lambda_schedule == "constant" and c.lambda_scaling == "none"
+    assert c.importance == "magnitude" and c.step_scaling == "none"
     assert (c.n, c.m) == (2, 4) and c.target_modules == "all-linear"
     assert c.proxsparse_version == __version__
 
@@ -26,6 +27,8 @@ def test_defaults_follow_the_paper():
         ("epsilon", 0, "`epsilon`"),
         ("lambda_schedule", "cosine", r"`lambda_schedule`='cosine' is invalid; allowed: one of \('constant'"),
         ("lambda_scaling", "layer", "`lambda_scaling`"),
+        ("step_scaling", "adam", r"`step_scaling`='adam' is invalid; allowed: one of \('none', 'weight_rms'\)"),
+        ("importance", "wanda", r"`importance`='wanda' is invalid; allowed: one of \('magnitude', 'activation'"),
         ("prox_every_n_steps", 0, "`prox_every_n_steps`"),
         ("prox_every_n_steps", True, "`prox_every_n_steps`"),
         ("target_modules", [], "`target_modules`"),
@@ -117,3 +120,54 @@ def test_hub_round_trip(hub_url):
 def test_hub_missing_repo_is_clear(hub_url):
     with pytest.raises(ValueError, match=r"Can't find proxsparse_config.json at 'alice/does-not-exist'"):
         ProxSparseConfig.from_pretrained("alice/does-not-exist")
+
+
+def test_config_written_before_step_scaling_loads_with_absolute_steps(tmp_path):
+    """A config file from a version without ``step_scaling`` means what it meant then: absolute steps."""
+    data = ProxSparseConfig(lambda1=0.03, lambda_scaling="weight_scale", importance="activation").to_dict()
+    del data["step_scaling"]
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(data))
+    loaded = ProxSparseConfig.from_pretrained(tmp_path)
+    assert loaded.step_scaling == "none" and loaded.importance == "activation"
+
+
+def test_recipes_and_their_learning_rates():
+    from proxsparse_hf.config import RECIPES, recipe_learning_rate
+
+    rec = ProxSparseConfig.recommended()
+    assert (rec.importance, rec.lambda_scaling, rec.lambda1, rec.step_scaling) == (
+        "activation",
+        "weight_scale",
+        0.03,
+        "weight_rms",
+    )
+    pub = ProxSparseConfig.from_recipe("published")
+    assert (pub.importance, pub.lambda_scaling, pub.lambda1, pub.step_scaling) == ("magnitude", "none", 4.0, "none")
+    # the default learning rate follows what a learning rate means (relative or absolute), not the importance measure
+    assert recipe_learning_rate(rec) == RECIPES["recommended"]["learning_rate"] == 0.01
+    assert recipe_learning_rate(pub) == RECIPES["published"]["learning_rate"] == 1e-4
+    assert recipe_learning_rate(ProxSparseConfig(importance="activation")) == 1e-4
+    assert recipe_learning_rate(ProxSparseConfig(step_scaling="weight_rms")) == 0.01
+    assert ProxSparseConfig.recommended(lambda2=1.0).lambda2 == 1.0
+    with pytest.raises(ValueError, match="`recipe`='best' is invalid; allowed: one of"):
+        ProxSparseConfig.from_recipe("best")
+    with pytest.raises(ValueError, match="`lambda1`=-1"):
+        ProxSparseConfig.recommended(lambda1=-1)
+
+
+def test_importance_validation_reads_the_registry():
+    from proxsparse_hf.learning.importance import ImportanceMeasure, register_importance, unregister_importance
+
+    with pytest.raises(ValueError, match="`importance`='toy-config'"):
+        ProxSparseConfig(importance="toy-config")
+
+    @register_importance("toy-config", label="toy", description="a test measure")
+    class Toy(ImportanceMeasure):
+        pass
+
+    try:
+        assert ProxSparseConfig(importance="toy-config").importance == "toy-config"
+    finally:
+        unregister_importance("toy-config")
+    with pytest.raises(ValueError, match="`importance`='toy-config'"):
+        ProxSparseConfig(importance="toy-config")

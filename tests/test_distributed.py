@@ -36,11 +36,20 @@ pytestmark = pytest.mark.distributed
 WORLD = 2
 STEPS = 4
 GLOBAL_BATCH = 2
-LR = 5e-3
+LR = 5e-3  # absolute steps (step_scaling="none")
+LR_RELATIVE = 0.25  # relative steps: a quarter of each layer's RMS(W0) per unit Adam step
 
 
-def _config() -> ProxSparseConfig:
-    return ProxSparseConfig(lambda1=2.0, lambda_scaling="weight_scale", lambda2=1.0, epsilon=0.1)
+def _config(step_scaling: str = "weight_rms") -> ProxSparseConfig:
+    """The plain-loop scenarios (FSDP2, FSDP1 and their reference) use relative steps, whose layer scale is the RMS of
+    the full weight (all-reduced over shards); the Trainer scenarios without activation importance use absolute ones."""
+    return ProxSparseConfig(
+        lambda1=2.0, lambda_scaling="weight_scale", lambda2=1.0, epsilon=0.1, step_scaling=step_scaling
+    )
+
+
+def _lr(config: ProxSparseConfig) -> float:
+    return LR_RELATIVE if config.step_scaling == "weight_rms" else LR
 
 
 def _data() -> torch.Tensor:
@@ -56,14 +65,15 @@ def _drive_callback(model, batches, output_dir: str, save_at: int | None = None)
     process' part of the global batch of that step. Returns the callback and the logged metrics."""
     from transformers import TrainerControl, TrainerState
 
-    callback = ProxSparseCallback(_config())
-    args = SimpleNamespace(output_dir=output_dir, learning_rate=LR)
+    config = _config()
+    callback = ProxSparseCallback(config)
+    args = SimpleNamespace(output_dir=output_dir, learning_rate=_lr(config), max_grad_norm=0.0)
     state, control = TrainerState(), TrainerControl()
     state.max_steps = STEPS
     state.is_world_process_zero = _rank() == 0
     callback.on_init_end(args, state, control, model=model)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.0, foreach=False)
+    optimizer = torch.optim.AdamW(params, lr=_lr(config), weight_decay=0.0, foreach=False)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / (2 * STEPS))
     callback.on_train_begin(args, state, control, model=model)
     logs = []
@@ -183,7 +193,14 @@ def run_fsdp1(family: str, output_dir: str) -> dict:
 
 
 def _activation_config() -> ProxSparseConfig:
-    return ProxSparseConfig(lambda1=0.3, lambda_scaling="weight_scale", importance="activation", importance_batches=3)
+    """The recommended recipe's settings (activation importance, relative steps) with a stronger λ1."""
+    return ProxSparseConfig(
+        lambda1=0.3,
+        lambda_scaling="weight_scale",
+        importance="activation",
+        importance_batches=3,
+        step_scaling="weight_rms",
+    )
 
 
 def run_trainer(
@@ -207,10 +224,12 @@ def run_trainer(
             fsdp2_from, distributed_config=DistributedConfig(fsdp_size=world), device_map="cpu"
         )
         assert type(model.model.layers[0].mlp.down_proj.weight).__name__ == "DTensor"
-    callback = ProxSparseCallback(config or _config())
+    config = config or _config("none")
+    callback = ProxSparseCallback(config)
     args = TrainingArguments(
         output_dir=output_dir,
-        learning_rate=LR,
+        learning_rate=_lr(config),
+        max_grad_norm=0.0 if config.step_scaling == "weight_rms" else 1.0,
         max_steps=STEPS,
         per_device_train_batch_size=GLOBAL_BATCH // world,
         **warmup_arguments(0.0),
@@ -532,12 +551,18 @@ def test_fsdp2_checkpoint_snapshot_matches_single_process(ranks, reference):
     assert got.keys() == want.keys()
     for name, value in want.items():
         assert torch.equal(got[name], value), name
-    # resuming from it on one process: the snapshot is the original weights
+    # resuming from it on one process: the learner takes the original weights (and RMS(W0)) from the snapshot, not
+    # from the model, which by then holds trained weights
     model = tiny_model("llama", layers=1)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.mul_(3.0)
     learner = MaskLearner(model, _config(), original=got)
-    assert torch.equal(
-        learner.original["model.layers.0.mlp.down_proj.weight"], model.model.layers[0].mlp.down_proj.weight
-    )
+    name = "model.layers.0.mlp.down_proj.weight"
+    assert learner.original.keys() == got.keys()
+    assert all(torch.equal(learner.original[k], v) for k, v in got.items())
+    assert not torch.equal(learner.original[name], model.model.layers[0].mlp.down_proj.weight)
+    assert learner.weight_rms[name] == pytest.approx(float(got[name].pow(2).mean().sqrt()), rel=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -228,13 +228,29 @@ def test_evaluate_model_fills_the_schema(tmp_path):
     prune(model, "magnitude")
     path = write_jsonl(tmp_path / "c.jsonl", CORPUS)
     results = evaluate_model(
-        model, tokenizer, model_name="tiny", method="magnitude", datasets=[path], seq_len=16, show_progress=False
+        model,
+        tokenizer,
+        model_name=str(tmp_path),
+        method="magnitude",
+        datasets=[path],
+        seq_len=16,
+        show_progress=False,
     )
-    assert list(results.perplexity) == [path]
+    # local paths are recorded by name: the dataset file and the model folder
+    assert list(results.perplexity) == ["c.jsonl"] and results.model == os.path.basename(tmp_path)
+    assert str(tmp_path) not in results.to_json_string()
     assert results.sparsity["all_2to4"] is True and results.sparsity["target_sparsity"] == pytest.approx(0.5)
     assert results.sparsity == sparsity_totals(model)
     assert "torch" in results.versions and "platform" in results.hardware and results.wall_time_s >= 0
     assert results.zeroshot == {} and results.zeroshot_mean is None
+    assert results.settings == {
+        "datasets": ["c.jsonl"],
+        "seq_len": 16,
+        "batch_size": 1,
+        "max_windows": None,
+        "bos": False,
+    }
+    assert results.perplexity["c.jsonl"]["bos"] is False  # the byte tokenizer adds no BOS token
 
 
 # -------------------------------------------------------------------------------------------------------- zero-shot
@@ -329,20 +345,324 @@ def test_zeroshot_without_lm_eval_says_how_to_install(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------------------ chart
+def _ppl_entry(value: float) -> dict:
+    return {"ppl": value, "nll": math.log(value), "num_tokens": 10, "num_windows": 1, "seq_len": 11}
+
+
 def test_perplexity_bar_chart(tmp_path):
     pytest.importorskip("matplotlib")
     from proxsparse_hf.evaluation.plot import plot_perplexity
 
-    dense = EvalResults(
-        model="m",
-        method="dense",
-        perplexity={"wikitext2": {"ppl": 22.9, "nll": 3.1, "num_tokens": 10, "num_windows": 1, "seq_len": 11}},
-    )
+    dense = EvalResults(model="m", method="dense", perplexity={"wikitext2": _ppl_entry(22.9), "c4": _ppl_entry(30.0)})
     pruned = EvalResults.from_dict({**full_results().to_dict(), "model": "m"})
-    path = plot_perplexity([dense, pruned], tmp_path / "c.png")
-    with open(path, "rb") as fh:
-        assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
-    with pytest.raises(ValueError, match=r"No result has a perplexity on `dataset`='c4'"):
-        plot_perplexity([dense], tmp_path / "d.png", dataset="c4")
+    for kwargs in ({}, {"datasets": "wikitext2", "log_scale": False, "title": "t"}, {"labels": ["a", "b"]}):
+        path = plot_perplexity([dense, pruned], tmp_path / "c.png", **kwargs)
+        with open(path, "rb") as fh:
+            assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match=r"No result has a perplexity on `datasets`=\['lambada'\]"):
+        plot_perplexity([dense], tmp_path / "d.png", datasets="lambada")
     with pytest.raises(ValueError, match=r"`labels` has 1 entries for 2 results"):
         plot_perplexity([dense, pruned], tmp_path / "e.png", labels=["x"])
+
+
+def test_charts_without_matplotlib_say_how_to_install(monkeypatch, tmp_path):
+    from proxsparse_hf.evaluation.plot import plot_perplexity, plot_telemetry
+
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    dense = EvalResults(model="m", method="dense", perplexity={"wikitext2": _ppl_entry(22.9)})
+    with pytest.raises(RuntimeError, match=r'pip install "proxsparse-hf\[plots\]"'):
+        plot_perplexity([dense], tmp_path / "c.png")
+    with pytest.raises(RuntimeError, match=r"matplotlib"):
+        plot_telemetry([{"step": 1, "proxsparse/frac_2to4": 0.5}], tmp_path / "t.png")
+
+
+# ---------------------------------------------------------------------------------------------- schema 2: paths, labels
+def test_eval_results_never_record_absolute_local_paths(tmp_path):
+    from proxsparse_hf.data import find_assets_dir
+
+    assets = find_assets_dir()
+    data = {
+        **full_results().to_dict(),
+        "model": "/home/alice/models/SmolLM2-135M",
+        "perplexity": {"/tmp/x/corpus.jsonl": {**_ppl_entry(5.0), "source": os.path.join(assets, "c4", "c4.jsonl")}},
+        "method_config": {"calibration": {"source": "/data/calib.jsonl"}, "nested": ["/a/b/c.txt", "keep/relative"]},
+        "settings": {"datasets": ["/tmp/x/corpus.jsonl"], "gguf_file": "m.gguf"},
+    }
+    results = EvalResults.from_dict(data)
+    assert results.model == "SmolLM2-135M" and list(results.perplexity) == ["corpus.jsonl"]
+    assert results.perplexity["corpus.jsonl"]["source"] == "c4/c4.jsonl"  # its place in the shared data folder
+    assert results.method_config["calibration"]["source"] == "calib.jsonl"
+    assert results.method_config["nested"] == ["c.txt", "keep/relative"]
+    assert results.settings["datasets"] == ["corpus.jsonl"]
+    text = results.to_json_string()
+    assert '"/' not in text and "HuggingFaceTB" not in text
+    assert EvalResults.from_dict(json.loads(text)) == results
+    with pytest.raises(ValueError, match=r"two entries named 'c.jsonl'"):
+        EvalResults.from_dict({**data, "perplexity": {"/a/c.jsonl": _ppl_entry(2.0), "/b/c.jsonl": _ppl_entry(3.0)}})
+
+
+def test_portable_name_keeps_hub_ids_and_names_local_files(tmp_path, monkeypatch):
+    from proxsparse_hf.evaluation import portable_name
+
+    (tmp_path / "my-model").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert portable_name("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
+    assert portable_name("my-model") == "my-model" and portable_name("./my-model/") == "my-model"
+    assert portable_name(str(tmp_path / "my-model")) == "my-model"
+    assert portable_name("/elsewhere/SmolLM2.Q4_1.gguf") == "SmolLM2.Q4_1.gguf"
+
+
+def test_schema_1_files_load_with_a_derived_label():
+    old = full_results().to_dict()
+    for key in ("label", "settings", "telemetry"):
+        del old[key]
+    old["schema_version"] = 1
+    results = EvalResults.from_dict(old)
+    assert results.label == "sparsegpt-mask" and results.schema_version == 2 and results.settings == {}
+    assert EvalResults(model="m", method="wanda").label == "wanda"
+    assert EvalResults(model="m", method="wanda", label="wanda (run 3)").label == "wanda (run 3)"
+
+
+def test_display_label_and_summary_come_from_the_registry():
+    from proxsparse_hf.pruners import get_pruner
+
+    results = full_results()
+    assert results.display_label == f"{get_pruner('sparsegpt').label} (mask only)"
+    assert EvalResults(model="m", method="wanda").display_label == get_pruner("wanda").label
+    assert EvalResults(model="m", method="wanda", label="mine").display_label == "mine"
+    line = results.summary()
+    assert "\n" not in line
+    assert (
+        line
+        == "HuggingFaceTB/SmolLM2-135M-Instruct (sparsegpt-mask): wikitext2 ppl 88.00, zero-shot mean acc 0.5500 (2 tasks)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"label": ""}, r"`label`='' is invalid"),
+        ({"telemetry": {"step": 1}}, r"`telemetry`=\{'step': 1\} is invalid"),
+        ({"settings": []}, r"`settings`=\[\] is invalid"),
+        ({"method": "obs"}, r"allowed: \(.*'magnitude'.*\)"),
+    ],
+)
+def test_eval_results_schema_2_validation(change, match):
+    with pytest.raises(ValueError, match=match):
+        EvalResults.from_dict({**full_results().to_dict(), **change})
+
+
+# ------------------------------------------------------------------------------------------------------ comparisons
+def test_save_and_load_comparison(tmp_path):
+    from proxsparse_hf.evaluation import load_comparison, save_comparison
+
+    dense = EvalResults(model="m", method="dense", perplexity={"wikitext2": _ppl_entry(20.0)})
+    rows = [dense, full_results()]
+    path = save_comparison(tmp_path / "out", rows, model="/abs/m", command="proxsparse compare m")
+    assert path == str(tmp_path / "out" / "comparison.json")
+    payload = json.loads(open(path).read())
+    assert payload["format"] == "proxsparse-comparison" and payload["model"] == "m"
+    assert payload["command"] == "proxsparse compare m"
+    for source in (path, str(tmp_path / "out"), payload, payload["results"], rows):
+        assert load_comparison(source) == rows
+    assert load_comparison(None) == []
+    dense.save(tmp_path)  # a folder with only eval_results.json
+    assert load_comparison(str(tmp_path)) == [dense]
+    with pytest.raises(ValueError, match=r"duplicate labels \['dense'\]"):
+        save_comparison(tmp_path / "dup.json", [dense, dense])
+    with pytest.raises(ValueError, match=r"`metadata` keys \['format'\] are reserved"):
+        save_comparison(tmp_path / "r.json", rows, format="mine")
+
+
+def test_load_comparison_reads_files_of_the_first_version(tmp_path):
+    from proxsparse_hf.evaluation import load_comparison
+
+    # `proxsparse compare` before schema 2: {"label", "eval_results"} rows
+    old = full_results().to_dict()
+    for key in ("label", "settings", "telemetry"):
+        del old[key]
+    path = tmp_path / "comparison.json"
+    path.write_text(json.dumps({"model": "m", "results": [{"label": "sparsegpt-mask (x)", "eval_results": old}]}))
+    (row,) = load_comparison(str(path))
+    assert row.label == "sparsegpt-mask (x)" and row.ppl("wikitext2") == 88.0
+
+
+def test_load_comparison_reads_the_committed_quality_results():
+    from proxsparse_hf.evaluation import load_comparison
+
+    results_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "results")
+    runs = load_comparison(os.path.join(results_dir, "quality_smollm2_h200.json"))
+    by_label = {r.label: r for r in runs}
+    assert by_label["wanda"].ppl("wikitext2") == pytest.approx(207.71, abs=0.01)
+    assert by_label["sparsegpt-mask"].method_config["update_weights"] is False
+    learned = by_label["ps-act-0.03-lr3e-3"]
+    assert learned.method == "proxsparse" and learned.telemetry and learned.sparsity["all_2to4"] is True
+    entry = learned.perplexity["wikitext2"]
+    assert entry["num_tokens"] == entry["num_windows"] * (entry["seq_len"] - 1)
+    assert learned.method_config["prune_time_s"] > 0 and learned.wall_time_s is None
+    zeroshot = {r.label: r for r in load_comparison(os.path.join(results_dir, "quality_smollm2_zeroshot.json"))}
+    assert zeroshot["dense"].zeroshot_mean == pytest.approx(0.4) and zeroshot["dense"].zeroshot["piqa"]["acc"] == 0.66
+    assert zeroshot["dense"].zeroshot["piqa"]["source"] == "zeroshot/llm-foundry/piqa.jsonl"
+
+
+def test_load_comparison_errors(tmp_path):
+    from proxsparse_hf.evaluation import load_comparison
+
+    with pytest.raises(FileNotFoundError, match=r"does not exist"):
+        load_comparison(str(tmp_path / "missing.json"))
+    with pytest.raises(FileNotFoundError, match=r"holds neither comparison.json nor eval_results.json"):
+        load_comparison(str(tmp_path))
+    good = full_results().to_dict()
+    with pytest.raises(ValueError, match=r"Comparison entry 1: Unknown EvalResults key\(s\) \['x'\]"):
+        load_comparison([good, {**good, "x": 1}])
+    with pytest.raises(ValueError, match=r"Comparison entry 0: A comparison entry must be EvalResults or a dict"):
+        load_comparison([3])
+    with pytest.raises(ValueError, match=r"must be a list of results, got str"):
+        load_comparison({"results": "x"})
+
+
+# ------------------------------------------------------------------------------------------------------ task registry
+@pytest.fixture
+def task_registry(monkeypatch):
+    """A private copy of the task registry, so toy tasks do not leak into other tests."""
+    from proxsparse_hf.evaluation import tasks
+
+    monkeypatch.setattr(tasks, "_REGISTRY", dict(tasks._REGISTRY))
+    return tasks
+
+
+def test_a_new_task_is_one_function_and_one_registration(task_registry, tmp_path):
+    from proxsparse_hf.evaluation import register_eval_task
+
+    calls = []
+
+    # a zero-shot task: does the model rank the right next byte first? (no lm-eval involved)
+    @register_eval_task("toy_next_byte", kind="zeroshot", label="Toy next byte", description="Argmax next byte.")
+    def toy_next_byte(model, tokenizer, names, **options):
+        calls.append((tuple(names), sorted(options)))
+        ids = torch.tensor([tokenizer("abcabcabc", add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            hits = (model(ids).logits[0, :-1].argmax(-1) == ids[0, 1:]).float()
+        return {name: {"acc": float(hits.mean()), "num_samples": int(hits.numel())} for name in names}
+
+    # a perplexity task under its own name, reusing the library's scorer on a local file
+    corpus = write_jsonl(tmp_path / "toy.jsonl", CORPUS)
+    register_eval_task(
+        "toy_corpus",
+        kind="perplexity",
+        label="Toy corpus",
+        description="The test corpus.",
+        fn=lambda model, tokenizer, names, **options: {
+            n: perplexity(model, tokenizer, corpus, **options) for n in names
+        },
+    )
+    model, tokenizer = byte_model(), byte_tokenizer()
+    results = evaluate_model(
+        model,
+        tokenizer,
+        model_name="tiny",
+        datasets=["toy_corpus"],
+        tasks=["toy_next_byte"],
+        seq_len=16,
+        show_progress=False,
+    )
+    assert list(results.perplexity) == ["toy_corpus"] and results.perplexity["toy_corpus"]["seq_len"] == 16
+    direct = perplexity(model, tokenizer, corpus, seq_len=16, show_progress=False)
+    assert results.ppl("toy_corpus") == pytest.approx(direct["ppl"], rel=1e-9)
+    assert results.zeroshot["toy_next_byte"]["num_samples"] == 8
+    assert results.zeroshot_mean == results.zeroshot["toy_next_byte"]["acc"]
+    assert calls == [(("toy_next_byte",), ["batch_size", "data_dir", "limit", "skip_unavailable"])]
+    assert "lm_eval" not in results.versions  # only lm-eval tasks record its version
+
+
+def test_task_registry_lookups_and_errors(task_registry):
+    from proxsparse_hf.evaluation import eval_task_names, get_eval_task, register_eval_task, resolve_eval_task
+
+    assert eval_task_names("perplexity") == ("wikitext2", "c4")
+    assert {"piqa", "arc_easy", "winogrande", "hellaswag"} <= set(eval_task_names("zeroshot"))
+    assert get_eval_task("arc_easy").hub_dataset == "allenai/ai2_arc" and get_eval_task("c4").label == "C4 (en)"
+    assert resolve_eval_task("some/hub-dataset", "perplexity").fn is evaluate_perplexity
+    assert resolve_eval_task("lambada_openai", "zeroshot").fn is zeroshot_eval
+    with pytest.raises(ValueError, match=r"Unknown evaluation task 'nope'; registered: \('wikitext2', 'c4', 'piqa'"):
+        get_eval_task("nope")
+    with pytest.raises(ValueError, match=r"'piqa' is a zeroshot task, not a perplexity one; pass it in --tasks"):
+        resolve_eval_task("piqa", "perplexity")
+    with pytest.raises(ValueError, match=r"'c4' is a perplexity task, not a zeroshot one; pass it in --datasets"):
+        evaluate_model(byte_model(), byte_tokenizer(), model_name="m", datasets=[], tasks=["c4"])
+    with pytest.raises(ValueError, match=r"Evaluation task 'c4' is already registered"):
+        register_eval_task("c4", kind="perplexity", label="C4", description="again", fn=evaluate_perplexity)
+    with pytest.raises(ValueError, match=r"`kind`='accuracy' is invalid; allowed: \('perplexity', 'zeroshot'\)"):
+        register_eval_task("x", kind="accuracy", label="X", description="x", fn=evaluate_perplexity)
+    with pytest.raises(ValueError, match=r"`fn`=3 is invalid"):
+        register_eval_task("y", kind="zeroshot", label="Y", description="y", fn=3)
+    assert "x" not in eval_task_names() and "y" not in eval_task_names()
+
+
+# ------------------------------------------------------------------------------------------------ comparison runner
+def test_run_comparison_starts_every_method_from_the_original_weights(tmp_path):
+    from proxsparse_hf.data import load_calibration_data
+    from proxsparse_hf.evaluation.compare import MethodRun, comparison_markdown, parse_methods, run_comparison
+
+    model, tokenizer = byte_model(), byte_tokenizer()
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    corpus = write_jsonl(tmp_path / "c.jsonl", CORPUS * 6)
+    calibration = load_calibration_data(corpus, tokenizer, seq_len=32, n_samples=4)
+    runs = [
+        *parse_methods("magnitude,dense,sparsegpt-mask"),
+        MethodRun("proxsparse", label="ps", options={"max_steps": 2, "logging_steps": 1, "learning_rate": 1e-3}),
+    ]
+    seen = []
+    results = run_comparison(
+        model,
+        tokenizer,
+        runs,
+        model_name="tiny",
+        calibration=calibration,
+        calibration_spec={"source": corpus},
+        eval_options={"datasets": [corpus], "seq_len": 16, "show_progress": False},
+        on_result=seen.append,
+    )
+    assert [r.label for r in results] == ["magnitude", "dense", "sparsegpt-mask", "ps"] and seen == results
+    for name, value in model.state_dict().items():  # restored after the last run
+        torch.testing.assert_close(value, original[name], rtol=0, atol=0)
+    fresh = evaluate_model(model, tokenizer, model_name="tiny", datasets=[corpus], seq_len=16, show_progress=False)
+    assert results[1].ppl("c.jsonl") == pytest.approx(fresh.ppl("c.jsonl"), rel=1e-9)  # dense after magnitude
+    assert [r.sparsity["all_2to4"] for r in results] == [True, False, True, True]
+    assert results[2].method_config["update_weights"] is False and results[2].method_config["calibration"] == {
+        "source": "c.jsonl"
+    }
+    assert "calibration" not in results[0].method_config and results[0].method_config["prune_time_s"] >= 0
+    assert (
+        results[3].method == "proxsparse" and results[3].telemetry and "proxsparse_config" in results[3].method_config
+    )
+    assert all(
+        set(e) <= {"step", "loss", "learning_rate"} | {k for k in e if k.startswith("proxsparse/")}
+        for e in results[3].telemetry
+    )
+    table = comparison_markdown(results)
+    assert "| sparsegpt-mask | sparsegpt |" in table and "| ps | proxsparse |" in table
+    with pytest.raises(ValueError, match=r"need calibration data"):
+        run_comparison(model, tokenizer, parse_methods("wanda"), model_name="tiny")
+    with pytest.raises(ValueError, match=r"duplicate labels \['dense'\]"):
+        run_comparison(model, tokenizer, [MethodRun("dense"), MethodRun("dense")], model_name="tiny")
+
+
+def test_parse_methods_reads_the_pruner_registry():
+    from proxsparse_hf.evaluation.compare import MethodRun, compare_method_names, parse_methods
+    from proxsparse_hf.pruners import get_pruner, pruner_names
+
+    names = compare_method_names()
+    one_shot = [n for n in pruner_names() if not get_pruner(n).learned]
+    assert [n for n in names if not n.endswith("-mask")] == one_shot
+    assert "sparsegpt-mask" in names and "wanda-mask" not in names and "proxsparse" not in names
+    assert "proxsparse" in compare_method_names(learned=True)
+    runs = parse_methods("wanda, dense,wanda")
+    assert [(r.method, r.name) for r in runs] == [("wanda", "wanda"), ("dense", "dense")]
+    with pytest.raises(ValueError, match=r"`--methods`='dense,obs' is invalid; allowed: a comma-separated subset of"):
+        parse_methods("dense,obs")
+    with pytest.raises(ValueError, match=r"`--methods`='proxsparse' is invalid"):
+        parse_methods("proxsparse")
+    with pytest.raises(ValueError, match=r"`method`='obs' is invalid"):
+        MethodRun("obs")
+    with pytest.raises(ValueError, match=r"`method`='wanda-mask' is invalid"):
+        MethodRun.from_name("wanda-mask")

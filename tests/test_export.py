@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from tiny_models import tiny_model
 
-from proxsparse_hf.artefacts.export import (
+from proxsparse_hf.artefacts import (
     MASK_MANIFEST_NAME,
     apply_proxsparse,
     detect_artefact,
@@ -20,8 +20,8 @@ from proxsparse_hf.artefacts.export import (
     save_compact,
     save_dense,
     save_mask_adapter,
+    save_pruned_output,
 )
-from proxsparse_hf.artefacts.output_dir import save_pruned_output
 from proxsparse_hf.config import ProxSparseConfig
 from proxsparse_hf.constants import COMPACT_INDEX_NAME, COMPACT_WEIGHTS_NAME, CONFIG_NAME, PACKED_MASKS_NAME
 from proxsparse_hf.masks import apply_2to4_masks, extract_2to4_masks

@@ -16,12 +16,13 @@ from huggingface_hub import HfApi, hf_hub_download
 from test_export import assert_state_equal
 from tiny_models import tiny_model
 
-from proxsparse_hf.artefacts.export import load_pruned
-from proxsparse_hf.artefacts.output_dir import save_pruned_output
+from proxsparse_hf.artefacts import load_pruned, save_pruned_output
 from proxsparse_hf.config import ProxSparseConfig
 from proxsparse_hf.constants import CARD_NAME, EVAL_RESULTS_NAME
-from proxsparse_hf.hub.card import CHART_NAME, check_model_card
+from proxsparse_hf.evaluation.results import EvalResults
+from proxsparse_hf.hub.checks import check_model_card
 from proxsparse_hf.hub.push import PushError, is_transient_error, push_pruned_to_hub
+from proxsparse_hf.hub.results import CHART_NAME
 from proxsparse_hf.masks import apply_2to4_masks, extract_2to4_masks
 
 pytestmark = pytest.mark.usefixtures("hub_url")  # skipped where the local Hub server is not available
@@ -63,7 +64,10 @@ def base_repo():
 @pytest.fixture(scope="module")
 def llama_output(tmp_path_factory, base_repo):
     repo, sha = base_repo
-    results = {"method": "magnitude", "perplexity": {"wikitext2": {"ppl": 321.5}}, "zeroshot": {"piqa": 0.52}}
+    wikitext2 = {"ppl": 321.5, "nll": 5.77, "num_tokens": 2048, "num_windows": 4, "seq_len": 512}
+    results = EvalResults(
+        model=repo, method="magnitude", perplexity={"wikitext2": wikitext2}, zeroshot={"piqa": {"acc": 0.52}}
+    ).to_dict()
     return _output(tmp_path_factory.mktemp("llama"), "llama", base=repo, revision=sha, eval_results=results)
 
 

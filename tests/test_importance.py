@@ -1,4 +1,5 @@
-"""importance="activation": the prox and the final top-2 act on |W|·s (Wanda's score) instead of |W|."""
+"""Importance measures: the registry (a toy measure registered, used and removed), and importance="activation", where
+the prox and the final top-2 act on |W|·s (Wanda's score) instead of |W|."""
 
 import pytest
 import torch
@@ -6,6 +7,13 @@ from test_callback import _check_pruned, _train
 from tiny_models import random_windows, tiny_model
 
 from proxsparse_hf import ProxSparseConfig
+from proxsparse_hf.learning.importance import (
+    ImportanceMeasure,
+    get_importance,
+    importance_names,
+    register_importance,
+    unregister_importance,
+)
 from proxsparse_hf.learning.learner import INPUT_NORMS_NAME, SNAPSHOT_NAME, MaskLearner
 from proxsparse_hf.learning.prox import prox_2to4
 from proxsparse_hf.pruners.wanda import wanda_mask
@@ -113,7 +121,7 @@ def test_errors():
         ProxSparseConfig(importance_batches=0)
     model = tiny_model("llama")
     learner = MaskLearner(model, ProxSparseConfig(lambda1=1.0, **ACT))
-    with pytest.raises(RuntimeError, match="measure the input norms"):
+    with pytest.raises(RuntimeError, match="`importance`='activation': measure the input norms"):
         learner.prox_step(1, 10)
     with pytest.raises(RuntimeError, match="never measured"):
         learner.finalize()
@@ -124,24 +132,83 @@ def test_errors():
     with pytest.raises(KeyError, match="no entry for target"):
         learner.set_input_norms({})
     plain = MaskLearner(model, ProxSparseConfig(lambda1=1.0))
-    with pytest.raises(ValueError, match="only used with `importance`='activation'"):
+    with pytest.raises(ValueError, match="not used by `importance`='magnitude'"):
         plain.set_input_norms(norms)
 
 
-def test_recipes():
-    from proxsparse_hf.config import RECIPES, recipe_learning_rate
+# ---------------------------------------------------------------------------------------------------------------------
+# the registry
 
-    rec = ProxSparseConfig.recommended()
-    assert (rec.importance, rec.lambda_scaling, rec.lambda1) == ("activation", "weight_scale", 0.03)
-    assert recipe_learning_rate(rec) == 3e-3
-    pub = ProxSparseConfig.from_recipe("published", lambda1=8.0)
-    assert (pub.importance, pub.lambda_scaling, pub.lambda1) == ("magnitude", "none", 8.0)
-    assert recipe_learning_rate(pub) == 1e-4 == RECIPES["published"]["learning_rate"]
-    assert ProxSparseConfig.recommended(lambda2=1.0).lambda2 == 1.0
-    with pytest.raises(ValueError, match="`recipe`='best' is invalid; allowed: one of"):
-        ProxSparseConfig.from_recipe("best")
-    with pytest.raises(ValueError, match="`lambda1`=-1"):
-        ProxSparseConfig.recommended(lambda1=-1)
+
+def test_built_in_measures():
+    assert importance_names()[:2] == ("magnitude", "activation")
+    magnitude, activation = get_importance("magnitude"), get_importance("activation")
+    assert (magnitude.label, magnitude.needs_input_norms) == ("|W| (magnitude)", False)
+    assert (activation.label, activation.needs_input_norms) == ("|W|·‖X‖ (activation)", True)
+    scale = activation.column_scale(torch.tensor([0.0, 1.0, 2.0, 3.0]))  # RMS of the norms: sqrt(14 / 4)
+    torch.testing.assert_close(scale, torch.tensor([1e-3, 1.0 / 3.5**0.5, 2.0 / 3.5**0.5, 3.0 / 3.5**0.5]))
+    torch.testing.assert_close(activation.column_scale(torch.zeros(4)), torch.ones(4))  # all dead: no scaling
+
+
+def test_a_registered_toy_importance_learns_a_mask(tmp_path):
+    """One class and one decorator: the config accepts the name, the callback measures the norms the measure asks for
+    and the prox and the mask use its column scale; unregistered, the name is refused again."""
+
+    @register_importance(
+        "toy-first", label="toy", description="the first weight of every group wins", needs_input_norms=True
+    )
+    class FirstOfGroup(ImportanceMeasure):
+        def column_scale(self, input_norms):
+            scale = torch.ones_like(input_norms)
+            scale[0::4] = 100.0
+            return scale
+
+    try:
+        assert get_importance("toy-first").label == "toy" and "toy-first" in importance_names()
+        model = tiny_model("llama")
+        original = {k: v.clone() for k, v in model.state_dict().items()}
+        config = ProxSparseConfig(
+            lambda1=2.0, lambda_scaling="weight_scale", importance="toy-first", importance_batches=2
+        )
+        _, cb = _train(model, tmp_path, config)
+        _check_pruned(model, original, cb)
+        assert cb.report.all_2to4 and set(cb.learner.input_norms) == set(cb.masks)
+        for name, mask in cb.masks.items():  # the toy scale decided the mask (|W| alone keeps the first weight ~50 %)
+            assert mask.reshape(-1, 4)[:, 0].float().mean() > 0.9, name
+    finally:
+        unregister_importance("toy-first")
+    assert "toy-first" not in importance_names()
+    with pytest.raises(ValueError, match="`importance`='toy-first' is invalid"):
+        ProxSparseConfig(importance="toy-first")
+
+
+def test_registry_errors():
+    with pytest.raises(ValueError, match="`name`='Bad Name' is invalid"):
+        register_importance("Bad Name", label="x", description="")
+    with pytest.raises(ValueError, match="`label`='' is invalid"):
+        register_importance("ok", label="", description="")
+    with pytest.raises(ValueError, match="named 'magnitude' is already registered"):
+        register_importance("magnitude", label="again", description="")(type("Again", (ImportanceMeasure,), {}))
+    with pytest.raises(TypeError, match="decorates a subclass of ImportanceMeasure"):
+        register_importance("not-a-measure", label="x", description="")(object)
+    with pytest.raises(ValueError, match="built-in importance measure and cannot be unregistered"):
+        unregister_importance("activation")
+    with pytest.raises(ValueError, match="`name`='nothing' is not a registered importance measure"):
+        unregister_importance("nothing")
+    with pytest.raises(ValueError, match=r"`importance`='nothing' is invalid; allowed: one of \('magnitude'"):
+        get_importance("nothing")
+
+    @register_importance("toy-bad-scale", label="bad", description="", needs_input_norms=True)
+    class BadScale(ImportanceMeasure):
+        def column_scale(self, input_norms):
+            return -torch.ones_like(input_norms)
+
+    try:
+        learner = MaskLearner(tiny_model("llama"), ProxSparseConfig(importance="toy-bad-scale"))
+        with pytest.raises(ValueError, match=r"`importance`='toy-bad-scale': column_scale\(\) of `.*` must return 64"):
+            learner.measure_input_norms(_batches())
+    finally:
+        unregister_importance("toy-bad-scale")
 
 
 @pytest.mark.parametrize("recipe", ["recommended", "published"])
@@ -150,7 +217,7 @@ def test_cli_recipe_sets_config_and_learning_rate(recipe, tmp_path, capsys):
 
     from tiny_models import tiny_corpus, tiny_tokenizer
 
-    from proxsparse_hf.artefacts.output_dir import load_output_dir
+    from proxsparse_hf.artefacts import load_output_dir
     from proxsparse_hf.cli import main
 
     tiny_model("llama").save_pretrained(tmp_path / "model")
@@ -166,5 +233,11 @@ def test_cli_recipe_sets_config_and_learning_rate(recipe, tmp_path, capsys):
         expected.lambda_scaling,
         expected.lambda1,
     )
-    assert result.run_info["training"]["learning_rate"] == (3e-3 if recipe == "recommended" else 1e-4)
+    from proxsparse_hf.config import RECIPES
+
+    training = result.run_info["training"]
+    assert training["learning_rate"] == RECIPES[recipe]["learning_rate"]
+    # the recommended recipe's learning rate is relative and trains without global gradient clipping
+    assert training["learning_rate_is_relative"] is (recipe == "recommended")
+    assert training["max_grad_norm"] == (0.0 if recipe == "recommended" else 1.0)
     assert result.report.all_2to4

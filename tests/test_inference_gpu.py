@@ -10,17 +10,17 @@ import torch
 from tiny_models import tiny_model
 from torch import nn
 
-from proxsparse_hf.inference.convert import (
+from proxsparse_hf.inference import (
     NEVER,
     DispatchEntry,
     SparseLinear2to4,
-    _DispatchCache,
     fp16_cusparselt_blocked,
     sparse_kernels_available,
     sparse_weight_memory,
     to_dense_kernels,
     to_sparse_kernels,
 )
+from proxsparse_hf.inference.tuning import DispatchCache
 from proxsparse_hf.masks import apply_2to4_masks, extract_2to4_masks, mask_2to4
 
 pytestmark = [
@@ -162,7 +162,7 @@ def test_graph_tuned_layer_keeps_eager_calls_on_the_eager_threshold(tmp_path):
     linear = nn.Linear(256, 512, bias=False, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
         linear.weight.mul_(mask_2to4(linear.weight))
-    cache = _DispatchCache(tmp_path, torch.device("cuda"))
+    cache = DispatchCache(tmp_path, torch.device("cuda"))
     for tune_for, threshold in (("cuda_graph", 16), ("eager", NEVER)):  # as measured: eager never wins
         cache.put(cache.key("cusparselt", torch.bfloat16, 512, 256, tune_for), DispatchEntry(min_tokens=threshold))
     cache.save()
@@ -230,3 +230,51 @@ def test_compiled_model_matches_eager_and_projections_share_their_input(mode, tm
     assert len(calls) == 14  # 2 layers x q, k, v, o, gate, up, down
     for layer in (calls[:7], calls[7:]):
         assert len(set(layer[:3])) == 1 and len(set(layer[4:6])) == 1, calls
+
+
+@pytest.mark.parametrize("backend", ["cutlass", "torchao"])
+def test_subclass_backend_layer_matches_dense_with_bias(backend):
+    available, why = sparse_kernels_available(backend)
+    if not available:
+        pytest.skip(why)
+    linear = nn.Linear(256, 512, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        linear.weight.mul_(mask_2to4(linear.weight))
+    layer = SparseLinear2to4.from_linear(linear, backend=backend, min_tokens=64)
+    assert layer.backend == backend and layer.compressed_nbytes > 0
+    rows, kernel_mm = [], layer._kernel.mm
+
+    def counted(x2d, bias):
+        rows.append(x2d.shape[0])
+        return kernel_mm(x2d, bias)
+
+    layer._kernel.mm = counted
+    x = torch.randn(4, 32, 256, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert _rel(layer(x), linear(x)) < 1e-2 and rows == [128]
+        assert torch.equal(layer(x[:, :8]), linear(x[:, :8])) and rows == [128]  # 32 rows: dense
+
+
+@pytest.mark.parametrize("backend", ["cutlass", "torchao"])
+def test_subclass_backend_model_matches_dense_and_round_trips_in_both_modes(backend, tmp_path):
+    available, why = sparse_kernels_available(backend)
+    if not available:
+        pytest.skip(why)
+    model = _pruned(torch.bfloat16, hidden=256)  # every projection a multiple of CUTLASS's 32x64
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(0, 256, (2, 40), device="cuda")
+    with torch.no_grad():
+        ref = model(ids).logits
+        for mode in ("speed", "memory"):
+            to_sparse_kernels(
+                model, backend=backend, min_tokens=None if mode == "speed" else "auto", mode=mode, cache_dir=tmp_path
+            )
+            layers = [m for m in model.modules() if isinstance(m, SparseLinear2to4)]
+            assert len(layers) == 14 and all(m.backend == backend and m.min_tokens == 0 for m in layers)
+            report = sparse_weight_memory(model)
+            assert report.sparse_layers == 14 and 0.5 <= report.compressed_ratio <= 0.6
+            assert (report.resident_bytes == report.compressed_bytes) == (mode == "memory")
+            assert _rel(model(ids).logits, ref) < 2e-2
+            to_dense_kernels(model)
+            restored = model.state_dict()
+            assert all(torch.equal(restored[k], original[k]) for k in original), mode

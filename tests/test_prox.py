@@ -252,9 +252,19 @@ def test_in_place_on_views_of_any_layout():
 def test_max_iter_and_tol_are_honoured():
     gen = torch.Generator().manual_seed(10)
     v = torch.randn(300, 4, generator=gen)
+    exact = prox_2to4(v, 0.4, max_iter=150, tol=1e-7)
+    assert_exact(v, exact, 0.4)
     coarse = prox_2to4(v, 0.4, max_iter=1, tol=0.5)
     assert torch.isfinite(coarse).all() and (coarse.abs() <= v.abs()).all()
-    assert_exact(v, prox_2to4(v, 0.4, max_iter=150, tol=1e-7), 0.4)
+    # a loose tolerance certifies groups early: farther from the minimiser, never a better objective
+    loose = prox_2to4(v, 0.4, max_iter=150, tol=0.5)
+    assert float((loose - exact).abs().max()) > 1e-4
+    gap = objective64(loose.abs().double().numpy(), v.abs().double().numpy(), 0.4) - objective64(
+        exact.abs().double().numpy(), v.abs().double().numpy(), 0.4
+    )
+    assert gap.min() > -1e-6 and gap.max() > 1e-8
+    # the certificate is checked at the last allowed sweep: one sweep and three sweeps stop at different points
+    assert float((coarse - prox_2to4(v, 0.4, max_iter=3, tol=0.5)).abs().max()) > 1e-3
 
 
 # ----------------------------------------------------------------------------------------------------------------------

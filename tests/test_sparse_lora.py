@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 from tiny_models import random_windows, tiny_model
 
-from proxsparse_hf.artefacts.output_dir import save_pruned_output
+from proxsparse_hf.artefacts import save_pruned_output
 from proxsparse_hf.config import ProxSparseConfig
 from proxsparse_hf.constants import CONFIG_NAME
 from proxsparse_hf.masks import apply_2to4_masks, extract_2to4_masks, is_2to4, save_masks

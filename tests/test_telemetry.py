@@ -1,6 +1,7 @@
 import pytest
 
-from proxsparse_hf.evaluation.telemetry import plot_telemetry, telemetry_series
+from proxsparse_hf.evaluation.plot import plot_telemetry
+from proxsparse_hf.evaluation.telemetry import telemetry_series
 
 HISTORY = [
     {
@@ -36,3 +37,29 @@ def test_plot_single_and_several_runs(tmp_path):
             assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="No ProxSparse telemetry"):
         plot_telemetry([{"loss": 1.0}], tmp_path / "none.png")
+
+
+def test_entries_keep_only_telemetry_keys():
+    from proxsparse_hf.evaluation.telemetry import telemetry_entries
+
+    history = [*HISTORY, {"step": 5, "eval_loss": 2.0}, {"step": 6, "learning_rate": 1e-3, "grad_norm": 0.5}]
+    entries = telemetry_entries(history)
+    assert entries == [
+        HISTORY[0],
+        HISTORY[1],
+        {"step": 6, "learning_rate": 1e-3},
+    ]  # runtime / eval-only entries dropped
+
+
+def test_plot_telemetry_of_eval_results(tmp_path):
+    pytest.importorskip("matplotlib")
+    from proxsparse_hf.evaluation import EvalResults
+
+    rows = [
+        EvalResults(model="m", method="proxsparse", label="a", telemetry=HISTORY[:2]),
+        EvalResults(model="m", method="dense"),
+    ]
+    path = plot_telemetry(rows, tmp_path / "rows.png")
+    assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="No ProxSparse telemetry"):
+        plot_telemetry(rows[1:], tmp_path / "none.png")

@@ -19,16 +19,25 @@ bit.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 
+from .._version import __version__
 from ..constants import SUPPORTED_M, SUPPORTED_N
+from ..layout import input_last, weight_groups
 
 __all__ = [
+    "FORMAT_VERSION",
     "GROUPS_PER_BYTE",
     "PATTERNS",
+    "POSITION_ENCODING",
+    "check_format_header",
     "codes_to_mask",
     "compress_2to4",
     "decompress_2to4",
+    "format_header",
     "kept_mask_from_weight",
     "mask_to_codes",
     "pack_codes",
@@ -44,6 +53,36 @@ PATTERNS: tuple[tuple[int, int], ...] = ((0, 1), (0, 2), (0, 3), (1, 2), (1, 3),
 GROUPS_PER_BYTE = 3
 _BASE = len(PATTERNS)
 _INVALID = 255
+
+FORMAT_VERSION = 1
+"""Version of the packed formats' JSON headers (compact index, mask manifest)."""
+POSITION_ENCODING = f"base6-{GROUPS_PER_BYTE}-groups-per-byte"
+
+
+def format_header(fmt: str) -> dict[str, Any]:
+    """The fields every packed-format JSON header starts with."""
+    return {
+        "format": fmt,
+        "format_version": FORMAT_VERSION,
+        "pattern": f"{SUPPORTED_N}:{SUPPORTED_M}",
+        "position_encoding": POSITION_ENCODING,
+    }
+
+
+def check_format_header(data: Mapping[str, Any], expected: str, path: str) -> None:
+    """Refuse a header of another format, version or position encoding.
+
+    Raises:
+        ValueError: names the file, what it holds and what this version reads.
+    """
+    if data.get("format") != expected:
+        raise ValueError(f"{path!r} has format {data.get('format')!r}; expected {expected!r}.")
+    if data.get("format_version") != FORMAT_VERSION or data.get("position_encoding") != POSITION_ENCODING:
+        raise ValueError(
+            f"{path!r} uses format version {data.get('format_version')!r} / position encoding "
+            f"{data.get('position_encoding')!r}; proxsparse-hf {__version__} reads version {FORMAT_VERSION} / "
+            f"{POSITION_ENCODING!r}. Upgrade proxsparse-hf."
+        )
 
 
 def _pattern_tables() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -63,13 +102,7 @@ _BIT_WEIGHTS = torch.tensor([1 << i for i in range(SUPPORTED_M)], dtype=torch.ui
 def _grouped(tensor: torch.Tensor, transposed: bool) -> torch.Tensor:
     if tensor.dim() != 2:
         raise ValueError(f"Expected a 2-D weight or mask, got shape {tuple(tensor.shape)}.")
-    grouped = tensor.t() if transposed else tensor
-    if grouped.shape[-1] % SUPPORTED_M != 0:
-        raise ValueError(
-            f"Shape {tuple(tensor.shape)} (transposed={transposed}) has an input dimension of {grouped.shape[-1]}, "
-            f"which is not divisible by {SUPPORTED_M}."
-        )
-    return grouped.contiguous().reshape(-1, SUPPORTED_M)
+    return weight_groups(tensor, transposed)
 
 
 def _grouped_shape(shape: tuple[int, ...], transposed: bool) -> tuple[int, int]:
@@ -118,7 +151,7 @@ def codes_to_mask(codes: torch.Tensor, shape: tuple[int, ...], transposed: bool 
     if bool((codes.to(torch.int64) >= _BASE).any()):
         raise ValueError(f"Pattern codes must be in [0, {_BASE - 1}].")
     mask = _CODE_TO_MASK[codes.to(torch.int64).cpu()].reshape(rows, cols)
-    return mask.t().contiguous() if transposed else mask
+    return input_last(mask, transposed).contiguous()
 
 
 def pack_codes(codes: torch.Tensor) -> torch.Tensor:
@@ -195,7 +228,7 @@ def kept_mask_from_weight(weight: torch.Tensor, transposed: bool = False) -> tor
     keep.scatter_(1, score.topk(SUPPORTED_N, dim=1).indices, True)
     rows, cols = _grouped_shape(tuple(weight.shape), transposed)
     keep = keep.reshape(rows, cols)
-    return keep.t().contiguous() if transposed else keep
+    return input_last(keep, transposed).contiguous()
 
 
 def compress_2to4(weight: torch.Tensor, transposed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -234,4 +267,4 @@ def decompress_2to4(
     positions = _CODE_TO_POS.to(values.device)[codes.to(device=values.device, dtype=torch.int64)]
     dense.scatter_(1, positions, values.reshape(-1, SUPPORTED_N))
     dense = dense.reshape(rows, cols)
-    return dense.t().contiguous() if transposed else dense
+    return input_last(dense, transposed).contiguous()

@@ -1,4 +1,4 @@
-"""``proxsparse export``: write one of the three shareable artefacts (dense / compact / mask) from an output folder."""
+"""``proxsparse export``: write one shareable artefact (dense / compact / mask / ...) of an output folder."""
 
 from __future__ import annotations
 
@@ -9,79 +9,78 @@ import os
 
 logger = logging.getLogger(__name__)
 
-ARTEFACT_CHOICES = ("dense", "compact", "mask")
-
 
 def register(subparsers) -> argparse.ArgumentParser:
+    from .common import add_artefact_arg
+
     p = subparsers.add_parser(
         "export",
-        help="write a dense, compact 2:4 or mask-only artefact from an output folder",
-        description="Write a shareable artefact of a pruned model: 'dense' (plain transformers checkpoint with "
-        "zeros), "
+        help="Write a dense, compact 2:4 or mask-only artefact from an output folder",
+        description="Write a shareable artefact of a pruned model: 'dense' (plain transformers checkpoint with zeros), "
         "'compact' (kept values + packed 2:4 positions, rebuilt bit for bit by proxsparse_hf.load_pruned) or 'mask' "
         "(mask-only adapter applied to the base model by proxsparse_hf.apply_proxsparse). Optionally adds the model "
-        "card (README.md + perplexity chart).",
+        "card (README.md + perplexity chart). The folder is built beside the destination and moved into place, so "
+        "a failure, Ctrl-C or SIGTERM leaves no partial folder; no local path is written into it. Prints a JSON "
+        "summary line.",
     )
-    p.add_argument("output_dir", help="output folder written by `proxsparse learn` / `proxsparse prune`")
-    p.add_argument("save_dir", help="destination folder (must be empty unless --overwrite)")
-    p.add_argument("--artefact", default="compact", choices=ARTEFACT_CHOICES)
+    p.add_argument("output_dir", help="Output folder written by `proxsparse learn` / `proxsparse prune`")
     p.add_argument(
-        "--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="cast weights (dense/compact)"
+        "save_dir", nargs="?", default=None, help="Destination folder (must be empty unless --overwrite); or -o"
+    )
+    p.add_argument("-o", "--output", dest="save_dir_option", metavar="SAVE_DIR", default=None, help="Same as SAVE_DIR")
+    add_artefact_arg(p)
+    p.add_argument(
+        "--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="Cast weights (dense/compact)"
     )
     p.add_argument(
-        "--base-model", default=None, help="mask: base model id recorded in the adapter; card: Hub id of the base"
+        "--base-model",
+        default=None,
+        help="Base model to record in every file and the card: a Hub id ORG/NAME (or a local path, recorded by "
+        "name + SHA-256); default: the recorded one",
     )
-    p.add_argument("--base-revision", default=None, help="mask: base model revision recorded in the adapter")
-    p.add_argument("--card", action="store_true", help="also write README.md (model card) and perplexity.png")
-    p.add_argument("--repo-id", default=None, help="repo id used in the card's title and load snippets")
-    p.add_argument("--license", default=None, help="card license (default: inherited from the base model)")
-    p.add_argument("--comparison", default=None, help="JSON file with dense / baseline results for the card")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--base-revision", default=None, help="Revision of --base-model")
+    p.add_argument("--card", action="store_true", help="Also write README.md (model card) and perplexity.png")
+    p.add_argument("--repo-id", default=None, help="Repo id used in the card's title and load snippets")
+    p.add_argument("--license", default=None, help="Card license (default: inherited from the base model)")
+    p.add_argument(
+        "--comparison", default=None, help="Comparison.json written by `proxsparse compare` (dense / baseline rows)"
+    )
+    p.add_argument("--overwrite", action="store_true", help="Replace a non-empty SAVE_DIR (atomically)")
     return p
 
 
-def _dir_size(path: str) -> int:
-    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
-
-
 def run(args: argparse.Namespace) -> int:
-    from proxsparse_hf.artefacts.export import resolve_source, save_compact, save_dense, save_mask_adapter
+    from proxsparse_hf.evaluation import is_output_dir
+    from proxsparse_hf.hub.push import build_repo_folder
+    from proxsparse_hf.utils import staging_dir
 
-    source = resolve_source(args.output_dir, dtype=args.dtype if args.artefact != "mask" else None)
-    if args.artefact == "dense":
-        path = save_dense(source, args.save_dir, overwrite=args.overwrite)
-    elif args.artefact == "compact":
-        path = save_compact(source, args.save_dir, overwrite=args.overwrite)
-    else:
-        path = save_mask_adapter(
-            source,
-            args.save_dir,
-            base_model_name_or_path=args.base_model,
-            revision=args.base_revision,
-            overwrite=args.overwrite,
-        )
-    if args.card:
-        from proxsparse_hf.hub.card import save_model_card
+    from .common import check_output_dir
 
-        hub_base = (
-            args.base_model
-            if args.base_model and "/" in args.base_model and not os.path.exists(args.base_model)
-            else None
+    if (args.save_dir is None) == (args.save_dir_option is None):
+        raise ValueError("Give the destination once: as SAVE_DIR or as -o/--output.")
+    if not is_output_dir(args.output_dir):
+        raise FileNotFoundError(
+            f"`output_dir`={args.output_dir!r} is not a proxsparse output folder (no proxsparse_config.json)."
         )
-        save_model_card(
-            source,
-            path,
+    path = check_output_dir(args.save_dir or args.save_dir_option, overwrite=args.overwrite, flag="SAVE_DIR")
+    with staging_dir(path, overwrite=args.overwrite) as staging:
+        files = build_repo_folder(
+            args.output_dir,
+            staging,
             artefact=args.artefact,
+            dtype=args.dtype,
+            base_model=args.base_model,
+            base_revision=args.base_revision,
+            card=args.card,
             repo_id=args.repo_id,
-            base_model=hub_base,
             license=args.license,
             comparison=args.comparison,
         )
     summary = {
         "artefact": args.artefact,
         "path": path,
-        "size_bytes": _dir_size(path),
-        "files": sorted(os.listdir(path)),
+        "size_bytes": sum(os.path.getsize(os.path.join(path, name)) for name in files),
+        "files": files,
     }
-    print(json.dumps(summary, indent=2))
+    print(json.dumps(summary), flush=True)
     return 0

@@ -6,99 +6,155 @@ import argparse
 import json
 import logging
 import os
-import shlex
-import sys
 
 logger = logging.getLogger(__name__)
 
 
-def _str_list(value: str) -> str | list[str]:
-    """``"all-linear"`` or a regex stays a string; ``"a,b,c"`` becomes a list of suffixes."""
-    return [v.strip() for v in value.split(",") if v.strip()] if "," in value else value
+def _recipe_text(name: str) -> str:
+    from proxsparse_hf.config import RECIPES
+
+    recipe = RECIPES[name]
+    fields = ", ".join(f"{k}={v}" for k, v in recipe["config"].items())
+    unit = "relative" if recipe["config"].get("step_scaling") == "weight_rms" else "absolute"
+    return f"'{name}' ({fields}; learning rate {recipe['learning_rate']:g}, {unit})"
+
+
+def _default_lr_text() -> str:
+    from proxsparse_hf.config import RECIPES
+
+    by_scaling = {r["config"].get("step_scaling", "none"): r["learning_rate"] for r in RECIPES.values()}
+    return ", ".join(f"{lr:g} with --step-scaling {scaling}" for scaling, lr in by_scaling.items())
+
+
+def _config_help(name: str, extra: str = "") -> str:
+    """The help of a ``ProxSparseConfig`` field (its ``metadata["help"]``), for the flag that overrides it."""
+    from proxsparse_hf.config import ProxSparseConfig
+
+    text = ProxSparseConfig.__dataclass_fields__[name].metadata.get("help", "")
+    return f"{text} {extra}".strip() + " Default: the recipe's (or --config's)."
 
 
 def register(subparsers) -> argparse.ArgumentParser:
+    from proxsparse_hf.config import LAMBDA_SCALINGS, LAMBDA_SCHEDULES, RECIPES, SOLVER_BACKENDS, STEP_SCALINGS
+    from proxsparse_hf.learning.importance import importance_names
+
+    from .common import add_bos_args, add_calibration_args, add_model_args, add_output_args, add_target_args
+
     p = subparsers.add_parser(
         "learn",
-        help="learn a 2:4 mask with ProxSparse",
+        help="Learn a 2:4 mask with ProxSparse",
         description="Learn a 2:4 semi-structured mask with ProxSparse (proximal gradient through a transformers Trainer), "
-        "apply it to the original weights, and write the output folder. Multi-GPU: run it under `accelerate launch "
+        "apply it to the original weights, and write the output folder; prints a JSON summary line. Everything that "
+        "needs no weights (paths, output folder, data and its token count, target match, numeric flags) is checked "
+        "before the model is loaded. Multi-GPU: run it under `accelerate launch "
         "[--config_file examples/accelerate_fsdp2.yaml] -m proxsparse_hf.cli learn ...` (DDP, or FSDP from the accelerate "
         "config) or `torchrun --nproc_per_node N -m proxsparse_hf.cli learn ... --fsdp`; leave --device unset there.",
     )
-    p.add_argument("model", help="local folder, Hub id, or path to a .gguf file")
-    p.add_argument("--gguf-file", default=None, help="GGUF file inside the model folder / repo")
-    p.add_argument("--revision", default=None)
-    p.add_argument(
-        "--dataset", required=True, help="calibration text: local .txt/.jsonl file or folder, or a Hub dataset id"
-    )
-    p.add_argument("--dataset-config", default=None, help="Hub dataset configuration name")
-    p.add_argument("--split", default="train")
-    p.add_argument("--text-field", default="text")
-    p.add_argument("--doc-start", type=int, default=0, help="first document used (default 0)")
-    p.add_argument("--doc-stop", type=int, default=None, help="end of the document range (exclusive)")
-    p.add_argument("--seq-len", type=int, default=1024)
-    p.add_argument("--n-samples", type=int, default=400, help="calibration windows (one pass = one epoch)")
-    p.add_argument(
-        "--config", default=None, help="start from a saved ProxSparseConfig (folder or Hub id); flags override"
-    )
-    p.add_argument(
-        "--recipe",
-        default="recommended",
-        choices=["recommended", "published"],
-        help="starting point of the config and learning rate (ignored for fields --config sets): 'recommended' "
-        "(activation importance, per-layer lambda, lambda1 0.03, lr 3e-3) or 'published' (the paper's setting)",
-    )
-    p.add_argument("--lambda1", type=float, default=None)
-    p.add_argument("--lambda2", type=float, default=None)
-    p.add_argument("--epsilon", type=float, default=None)
-    p.add_argument("--lambda-schedule", default=None, choices=["constant", "lr_scaled", "ramp"])
-    p.add_argument("--lambda-scaling", default=None, choices=["none", "weight_scale"])
-    p.add_argument("--importance", default=None, choices=["magnitude", "activation"])
-    p.add_argument("--target-modules", type=_str_list, default=None, help="'all-linear', 'q_proj,v_proj', or a regex")
-    p.add_argument("--exclude-modules", type=_str_list, default=None)
-    p.add_argument("--solver-backend", default=None, choices=["auto", "torch", "triton"])
-    p.add_argument(
-        "--distill-alpha", type=float, default=0.0, help="weight of distillation from the dense model (0-1)"
-    )
-    p.add_argument("--distill-temperature", type=float, default=1.0)
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default: the recipe's, 3e-3 or 1e-4)")
-    p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--max-steps", type=int, default=-1)
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--warmup-ratio", type=float, default=0.1)
-    p.add_argument("--logging-steps", type=int, default=10)
-    p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast (TrainingArguments.bf16)")
-    p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--device", default=None, help="e.g. cuda, cpu (default: what the Trainer picks)")
-    p.add_argument(
+    p.add_argument("model", help="Local folder, Hub id, or path to a .gguf file")
+    add_output_args(p, required=True, help="Output folder (pruned model, masks, config, report, run_info.json).")
+
+    placement = add_model_args(p)
+    placement.add_argument(
         "--device-map",
         default=None,
-        help="split the model across the GPUs of one process (model parallel): auto, balanced, balanced_low_0, "
+        help="Split the model across the GPUs of one process (model parallel): auto, balanced, balanced_low_0, "
         "sequential, or a JSON {module: device} object; not with --device, --fsdp or a multi-process launch",
     )
-    p.add_argument(
+    placement.add_argument(
         "--fsdp",
         action="store_true",
-        help="shard the model with FSDP (TrainingArguments.fsdp; needs a multi-GPU launch: torchrun / accelerate launch)",
+        help="Shard the model with FSDP (TrainingArguments.fsdp; needs a multi-GPU launch: torchrun / accelerate launch)",
     )
-    p.add_argument(
+    placement.add_argument(
         "--fsdp-config",
         default=None,
         help='FSDP settings for --fsdp: a JSON file or inline JSON (default {"version": 2}, i.e. FSDP2)',
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--report-to", default="none", help="comma-separated Trainer integrations, e.g. tensorboard")
-    p.add_argument("--output-dir", required=True)
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+
+    calibration = add_calibration_args(
+        p, required=True, n_samples=400, seq_len=1024, title="calibration data (one pass = one epoch)"
+    )
+    add_bos_args(calibration, windows="calibration")
+
+    recipe = p.add_argument_group("ProxSparse config (flags override --config / --recipe)")
+    recipe.add_argument(
+        "--config", default=None, help="Start from a saved ProxSparseConfig (folder or Hub id) instead of a recipe"
+    )
+    recipe.add_argument(
+        "--recipe",
+        default="recommended",
+        choices=list(RECIPES),
+        help="Starting point of the config and the learning rate (not used with --config): "
+        + "; ".join(_recipe_text(name) for name in RECIPES)
+        + ". Default recommended; 'published' is the paper's setting.",
+    )
+    recipe.add_argument("--lambda1", type=float, default=None, help=_config_help("lambda1"))
+    recipe.add_argument("--lambda2", type=float, default=None, help=_config_help("lambda2"))
+    recipe.add_argument("--epsilon", type=float, default=None, help=_config_help("epsilon"))
+    recipe.add_argument(
+        "--lambda-schedule", default=None, choices=list(LAMBDA_SCHEDULES), help=_config_help("lambda_schedule")
+    )
+    recipe.add_argument(
+        "--lambda-scaling", default=None, choices=list(LAMBDA_SCALINGS), help=_config_help("lambda_scaling")
+    )
+    recipe.add_argument(
+        "--importance", default=None, choices=list(importance_names()), help=_config_help("importance")
+    )
+    recipe.add_argument(
+        "--step-scaling",
+        default=None,
+        choices=list(STEP_SCALINGS),
+        help="Per-layer scaling of the optimizer step: with weight_rms the learning rate (--lr) is relative to each "
+        "layer's RMS(W0) (a step of about lr x RMS per unit Adam step, so one --lr means the same on any model); with "
+        "none it is absolute (the paper's). Default: the recipe's (or --config's).",
+    )
+    recipe.add_argument(
+        "--solver-backend", default=None, choices=list(SOLVER_BACKENDS), help=_config_help("solver_backend")
+    )
+    add_target_args(p, default_help="Default: the recipe's (or --config's), i.e. all-linear.")
+
+    train = p.add_argument_group("training")
+    train.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help=f"Learning rate; default: the recipe learning rate of the run's step scaling ({_default_lr_text()}). "
+        "Relative to each layer's RMS(W0) with --step-scaling weight_rms, absolute with none.",
+    )
+    train.add_argument("--epochs", type=float, default=1.0, help="Passes over the calibration windows (default 1)")
+    train.add_argument(
+        "--max-steps", type=int, default=-1, help="Stop after this many optimizer steps (default -1: use --epochs)"
+    )
+    train.add_argument("--batch-size", type=int, default=1, help="Windows per device per step (default 1)")
+    train.add_argument("--grad-accum", type=int, default=1, help="Gradient accumulation steps (default 1)")
+    train.add_argument(
+        "--warmup-ratio", type=float, default=0.1, help="Fraction of the steps spent warming up the lr (default 0.1)"
+    )
+    train.add_argument(
+        "--logging-steps", type=int, default=10, help="Log loss and telemetry every N steps (default 10)"
+    )
+    train.add_argument(
+        "--distill-alpha", type=float, default=0.0, help="Weight of distillation from the dense model (0-1, default 0)"
+    )
+    train.add_argument(
+        "--distill-temperature", type=float, default=1.0, help="Softmax temperature of the distillation (default 1)"
+    )
+    train.add_argument("--bf16", action="store_true", help="Bf16 autocast (TrainingArguments.bf16)")
+    train.add_argument(
+        "--gradient-checkpointing", action="store_true", help="Recompute activations in the backward (less memory)"
+    )
+    train.add_argument("--seed", type=int, default=0, help="Seed of the data shuffle and the training (default 0)")
+    train.add_argument(
+        "--report-to", default="none", help="Comma-separated Trainer integrations, e.g. tensorboard (default none)"
+    )
     return p
 
 
 def build_config(args: argparse.Namespace):
     """The ProxSparseConfig of a ``learn`` invocation (``--config`` first, flags override)."""
     from proxsparse_hf.config import ProxSparseConfig
+
+    from .common import parse_target_modules
 
     overrides = {
         "lambda1": args.lambda1,
@@ -107,8 +163,9 @@ def build_config(args: argparse.Namespace):
         "lambda_schedule": args.lambda_schedule,
         "lambda_scaling": args.lambda_scaling,
         "importance": args.importance,
-        "target_modules": args.target_modules,
-        "exclude_modules": args.exclude_modules,
+        "step_scaling": getattr(args, "step_scaling", None),
+        "target_modules": parse_target_modules(args.target_modules),
+        "exclude_modules": parse_target_modules(args.exclude_modules, "--exclude-modules"),
         "solver_backend": args.solver_backend,
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}
@@ -117,47 +174,63 @@ def build_config(args: argparse.Namespace):
     return ProxSparseConfig.from_recipe(args.recipe, **overrides)
 
 
+def _final_loss(log_history: list[dict]) -> float | None:
+    """The last logged training loss; the run's mean training loss when no step was logged (fewer steps than
+    ``--logging-steps``)."""
+    for key in ("loss", "train_loss"):
+        value = next((h[key] for h in reversed(log_history) if key in h), None)
+        if value is not None:
+            return value
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
-    # validate everything cheap before loading anything
+    from proxsparse_hf import loading
+
+    from .common import (
+        check_numbers,
+        check_output_dir,
+        check_seq_len,
+        command_line,
+        inspect_model,
+        load_calibration,
+        resolve_calibration,
+    )
+
+    # every check that needs no weights, before anything is loaded or written
+    check_numbers(
+        args,
+        {
+            "seq_len": ">=1",
+            "n_samples": ">=1",
+            "batch_size": ">=1",
+            "grad_accum": ">=1",
+            "logging_steps": ">=1",
+            "lr": ">0",
+            "epochs": ">0",
+            "warmup_ratio": "[0,1)",
+            "distill_alpha": "[0,1]",
+            "distill_temperature": ">0",
+        },
+    )
+    if args.max_steps == 0 or args.max_steps < -1:
+        raise ValueError(f"`--max-steps`={args.max_steps} is invalid; allowed: -1 (use --epochs) or an integer >= 1.")
     config = build_config(args)
-    out = os.path.abspath(args.output_dir)
-    if os.path.isdir(out) and os.listdir(out) and not args.overwrite:
-        raise FileExistsError(f"`--output-dir` {out!r} exists and is not empty; pass --overwrite to replace it.")
-    for name in ("seq_len", "n_samples", "batch_size", "grad_accum", "logging_steps"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"`--{name.replace('_', '-')}`={getattr(args, name)} must be >= 1.")
-    if args.lr is not None and args.lr <= 0:
-        raise ValueError(f"`--lr`={args.lr} must be > 0.")
+    out = check_output_dir(args.output_dir, overwrite=args.overwrite)
     fsdp_config = _fsdp_config(args)
     device_map = _device_map(args)
+    documents = resolve_calibration(args)
+    model_config = inspect_model(args, config)
+    check_seq_len(model_config, args.seq_len)
+    source = {"gguf_file": args.gguf_file, "revision": args.revision}
+    tokenizer = loading.load_tokenizer(args.model, **source)
+    data, calibration = load_calibration(args, documents, tokenizer)
 
-    from proxsparse_hf.artefacts.output_dir import save_pruned_output
-    from proxsparse_hf.data import load_calibration_data
+    from proxsparse_hf.artefacts import save_pruned_output
     from proxsparse_hf.learning.trainer import learn_mask
-    from proxsparse_hf.loading import load_model_and_tokenizer
 
-    model, tokenizer = load_model_and_tokenizer(
-        args.model,
-        gguf_file=args.gguf_file,
-        revision=args.revision,
-        dtype=args.dtype,
-        device=args.device,
-        device_map=device_map,
-    )
-    max_pos = getattr(model.config, "max_position_embeddings", None)
-    if max_pos is not None and args.seq_len > max_pos:
-        raise ValueError(f"`--seq-len`={args.seq_len} exceeds the model's max_position_embeddings={max_pos}.")
-    data = load_calibration_data(
-        args.dataset,
-        tokenizer,
-        seq_len=args.seq_len,
-        n_samples=args.n_samples,
-        seed=args.seed,
-        split=args.split,
-        text_field=args.text_field,
-        name=args.dataset_config,
-        start=args.doc_start,
-        stop=args.doc_stop,
+    model = loading.load_model(
+        args.model, config=model_config, dtype=args.dtype, device=args.device, device_map=device_map, **source
     )
     if config.base_model_name_or_path is None:
         config.base_model_name_or_path = args.model if args.gguf_file is None else f"{args.model}/{args.gguf_file}"
@@ -188,20 +261,13 @@ def run(args: argparse.Namespace) -> int:
     if rank() != 0:  # multi-process launch: the main process writes the output folder
         return 0
     run_info = {
-        "calibration": {
-            "dataset": os.fspath(args.dataset),
-            "split": args.split,
-            "documents": [args.doc_start, args.doc_stop],
-            "seq_len": args.seq_len,
-            "n_samples": args.n_samples,
-            "tokens": data.num_tokens,
-        },
+        "calibration": calibration,
         "training": {**result.training_args, "steps": result.steps, "tokens": result.tokens},
         "wall_time_s": result.wall_time_s,
         "prox_seconds": result.prox_seconds,
         "peak_gpu_memory_gib": result.peak_gpu_memory_gib,
         **({"device_map": _placement(model)} if device_map is not None else {}),
-        "command": "proxsparse " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "command": command_line(args),
     }
     save_pruned_output(
         out,
@@ -215,7 +281,7 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
     )
     try:
-        from proxsparse_hf.evaluation.telemetry import plot_telemetry
+        from proxsparse_hf.evaluation.plot import plot_telemetry
 
         plot_telemetry(result.log_history, os.path.join(out, "training_telemetry.png"), title="ProxSparse telemetry")
     except (RuntimeError, ValueError) as exc:  # matplotlib missing, or too few steps to log
@@ -231,9 +297,9 @@ def run(args: argparse.Namespace) -> int:
         "target_sparsity": round(result.report.target_sparsity, 4),
         "overall_sparsity": round(result.report.overall_sparsity, 4),
         "peak_gpu_memory_gib": result.peak_gpu_memory_gib,
-        "final_loss": next((h["loss"] for h in reversed(result.log_history) if "loss" in h), None),
+        "final_loss": _final_loss(result.log_history),
     }
-    print(json.dumps(summary))
+    print(json.dumps(summary), flush=True)
     return 0
 
 

@@ -1,200 +1,224 @@
-"""``proxsparse prune MODEL --method {magnitude,wanda,sparsegpt}``: one-shot 2:4 baseline → standard output folder.
+"""``proxsparse prune MODEL --method NAME``: any registered one-shot 2:4 method → standard output folder.
 
-Also holds the argument groups and helpers shared by ``eval`` and ``compare`` (model loading, calibration data).
+The method names, their descriptions and their options come from the pruner registry
+(:mod:`proxsparse_hf.pruners.registry`): a method's options become flags (``damp_percent`` → ``--damp-percent``, a
+boolean option that defaults to True → ``--no-<name>``). Also holds the calibration and method-option arguments shared
+with ``compare``; the other shared arguments and the checks run before a model is loaded are in :mod:`.common`.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
-import os
-import shlex
-import sys
+import textwrap
 import time
 from typing import Any
 
+from .common import (
+    add_bos_args,
+    add_model_args,
+    add_output_args,
+    add_target_args,
+    command_line,
+    parse_target_modules,
+)
+from .common import add_calibration_args as _add_calibration_group
+
 logger = logging.getLogger(__name__)
 
-DEFAULT_CALIBRATION = "c4"
+__all__ = [
+    "add_calibration_args",
+    "add_method_option_args",
+    "add_model_args",
+    "add_target_args",
+    "check_method_flags",
+    "method_option_flags",
+    "method_options",
+    "parse_target_modules",
+]
 
 
-def add_model_args(parser: argparse.ArgumentParser) -> None:
-    """``--gguf-file``, ``--revision``, ``--dtype``, ``--device``."""
-    group = parser.add_argument_group("model")
-    group.add_argument(
-        "--gguf-file", default=None, help="GGUF file name inside MODEL (a path to a .gguf works as MODEL)."
+def add_calibration_args(parser: argparse.ArgumentParser, *, windows: str = "calibration") -> None:
+    """Calibration data options (used by the methods that need calibration), ``--bos``, and the value options of every
+    registered method (``--damp-percent``, ``--block-size``, ...; see :func:`add_method_option_args`)."""
+    from ..pruners import get_pruner, pruner_names
+
+    users = [n for n in pruner_names() if get_pruner(n).needs_calibration and not get_pruner(n).learned]
+    group = _add_calibration_group(
+        parser, required=False, n_samples=128, seq_len=2048, title=f"calibration data ({', '.join(users)})"
     )
-    group.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit).")
-    group.add_argument(
-        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="Weights dtype to load."
-    )
-    group.add_argument("--device", default=None, help="Device to run on, e.g. cuda or cpu (default: where it loads).")
+    group.add_argument("--seed", type=int, default=0, help="Seed for shuffling the calibration documents (default 0).")
+    group.add_argument("--batch-size", type=int, default=1, help="Calibration windows per forward pass (default 1).")
+    add_bos_args(group, windows=windows, eval_alias=windows != "calibration")
+    add_method_option_args(parser, switches=False)
 
 
-def add_target_args(parser: argparse.ArgumentParser) -> None:
-    """``--target-modules``, ``--exclude-modules``."""
-    group = parser.add_argument_group("targets")
-    group.add_argument(
-        "--target-modules",
-        nargs="+",
-        default=["all-linear"],
-        help="'all-linear' (default), module-name suffixes (e.g. q_proj v_proj), or one full-match regex.",
-    )
-    group.add_argument("--exclude-modules", nargs="+", default=None, help="Modules to leave dense (same rules).")
+def _option_flag(name: str, default: Any) -> str:
+    dashed = name.replace("_", "-")
+    return f"--no-{dashed}" if default is True else f"--{dashed}"
 
 
-def add_calibration_args(parser: argparse.ArgumentParser) -> None:
-    """Calibration data options (used by wanda / sparsegpt)."""
-    group = parser.add_argument_group("calibration data (wanda, sparsegpt)")
-    group.add_argument(
-        "--calibration",
-        default=DEFAULT_CALIBRATION,
-        help="'c4' (the local C4 sample in ../shared/assets, documents [0, 1000), else allenai/c4 from the Hub), a local "
-        ".txt/.jsonl file or folder, or a Hub dataset id.",
-    )
-    group.add_argument("--calibration-split", default="train", help="Split of a Hub calibration dataset.")
-    group.add_argument("--calibration-start", type=int, default=0, help="First calibration document.")
-    group.add_argument(
-        "--calibration-stop", type=int, default=None, help="One past the last document (default 1000 for 'c4')."
-    )
-    group.add_argument("--text-field", default="text", help="Text field of JSON records.")
-    group.add_argument("--n-samples", type=int, default=128, help="Calibration windows (default 128).")
-    group.add_argument("--seq-len", type=int, default=2048, help="Tokens per calibration window (default 2048).")
-    group.add_argument("--seed", type=int, default=0, help="Seed for shuffling the calibration documents.")
-    group.add_argument("--batch-size", type=int, default=1, help="Calibration windows per forward pass.")
-    group.add_argument("--damp-percent", type=float, default=0.01, help="SparseGPT damping (fraction of mean diag).")
-    group.add_argument("--block-size", type=int, default=128, help="SparseGPT lazy-update block size.")
+def method_option_flags() -> dict[str, tuple[str, list[str]]]:
+    """``{option: (flag, [methods declaring it])}`` over every registered method, in registration order."""
+    from ..pruners import get_pruner, pruner_names
+
+    flags: dict[str, tuple[str, list[str]]] = {}
+    for method in pruner_names():
+        for name, option in get_pruner(method).options.items():
+            flag = flags.setdefault(name, (_option_flag(name, option.default), []))
+            flag[1].append(method)
+    return flags
 
 
-def parse_target_modules(values: list[str] | None) -> str | list[str] | None:
-    """argparse list → what ``ProxSparseConfig`` takes (a single value is a keyword/regex string)."""
-    if values is None:
-        return None
-    return (
-        values[0] if len(values) == 1 and (values[0] == "all-linear" or not values[0].isidentifier()) else list(values)
-    )
+def add_method_option_args(parser: argparse.ArgumentParser, *, switches: bool) -> None:
+    """One flag per option declared in the pruner registry (``dest`` = the option name, default None = the method's
+    default): value options (``--damp-percent 0.02``) when ``switches`` is False, boolean switches
+    (``--no-update-weights``) when True."""
+    from ..pruners import get_pruner
 
-
-def load_model(args: argparse.Namespace, name_or_path: str) -> tuple[Any, Any]:
-    from ..loading import load_model_and_tokenizer
-
-    return load_model_and_tokenizer(
-        name_or_path, gguf_file=args.gguf_file, revision=args.revision, dtype=args.dtype, device=args.device
-    )
-
-
-def calibration_spec(args: argparse.Namespace) -> dict[str, Any]:
-    """Where the calibration windows come from, as recorded in ``run_info.json``."""
-    from ..evaluation.perplexity import CALIBRATION_DOCS, find_assets_dir
-
-    source, split, stop = args.calibration, args.calibration_split, args.calibration_stop
-    name = None
-    if source == DEFAULT_CALIBRATION:
-        assets = find_assets_dir()
-        local = os.path.join(assets, "c4-validation-2k", "c4_validation_2k.jsonl") if assets else None
-        if local and os.path.isfile(local):
-            source, stop = local, CALIBRATION_DOCS[1] if stop is None else stop
+    group = None
+    for name, (flag, methods) in method_option_flags().items():
+        option = get_pruner(methods[0]).options[name]
+        if isinstance(option.default, bool) != switches:
+            continue
+        if group is None:
+            group = parser.add_argument_group("method switches" if switches else "method options")
+        where = "; ".join(f"{m}: default {get_pruner(m).options[name].default!r}" for m in methods)
+        text = f"{option.help} ({where})" if option.help else f"({where})"
+        if switches:
+            text = f"Sets {name}={not option.default!r}. {text}"
+            group.add_argument(
+                flag, dest=name, action="store_const", const=not option.default, default=None, help=text
+            )
         else:
-            source, name = "allenai/c4", "en"
-    return {
-        "source": source,
-        "name": name,
-        "split": split,
-        "documents": [args.calibration_start, stop],
-        "text_field": args.text_field,
-        "n_samples": args.n_samples,
-        "seq_len": args.seq_len,
-        "seed": args.seed,
-    }
+            default = option.default
+            kind = float if isinstance(default, float) else int if isinstance(default, int) else str
+            group.add_argument(flag, dest=name, type=kind, default=None, help=text)
 
 
-def load_calibration(args: argparse.Namespace, tokenizer: Any) -> tuple[Any, dict[str, Any]]:
-    """Calibration windows and their description."""
-    from ..data import load_calibration_data
+def method_options(method: str, args: argparse.Namespace, **overrides: Any) -> dict[str, Any]:
+    """Options for :func:`proxsparse_hf.pruners.prune` from the command line: ``batch_size`` and ``show_progress``, plus
+    every option ``method`` declares — from ``overrides`` (ignored where ``method`` does not declare them), else from
+    its flag, else its registered default."""
+    from ..pruners import get_pruner
 
-    spec = calibration_spec(args)
-    data = load_calibration_data(
-        spec["source"],
-        tokenizer,
-        seq_len=spec["seq_len"],
-        n_samples=spec["n_samples"],
-        seed=spec["seed"],
-        split=spec["split"],
-        text_field=spec["text_field"],
-        name=spec["name"],
-        start=spec["documents"][0],
-        stop=spec["documents"][1],
-    )
-    return data, spec
-
-
-def method_options(method: str, args: argparse.Namespace, update_weights: bool = True) -> dict[str, Any]:
-    """Options for :func:`proxsparse_hf.pruners.prune` from the command line."""
     opts: dict[str, Any] = {"batch_size": args.batch_size, "show_progress": not getattr(args, "no_progress", False)}
-    if method == "sparsegpt":
-        opts.update(update_weights=update_weights, damp_percent=args.damp_percent, block_size=args.block_size)
+    for name, option in get_pruner(method).options.items():
+        value = overrides[name] if name in overrides else getattr(args, name, None)
+        opts[name] = option.default if value is None else value
     return opts
 
 
-def command_line() -> str:
-    return shlex.join(["proxsparse", *sys.argv[1:]])
+def check_method_flags(method: str, args: argparse.Namespace) -> None:
+    """Refuse a method option flag given for a method that does not declare it.
+
+    Raises:
+        ValueError: e.g. ``--no-update-weights`` with ``--method wanda``.
+    """
+    for name, (flag, methods) in method_option_flags().items():
+        if method not in methods and getattr(args, name, None) is not None:
+            raise ValueError(f"{flag} only applies to --method {' / '.join(methods)}, not {method!r}.")
+
+
+def _methods_epilog(names: list[str]) -> str:
+    from ..pruners import get_pruner
+
+    lines = ["methods:"]
+    for name in names:
+        spec = get_pruner(name)
+        text = f"{name:<12} {spec.label}: {spec.description}"
+        lines += textwrap.wrap(text, width=100, initial_indent="  ", subsequent_indent=" " * 15)
+    return "\n".join(lines)
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from ..pruners import get_pruner, pruner_names
+
+    names = [n for n in pruner_names() if not get_pruner(n).learned]
+    learned = [n for n in pruner_names() if get_pruner(n).learned]
     parser = subparsers.add_parser(
         "prune",
-        help="Prune a model to 2:4 with a one-shot baseline (magnitude, Wanda, SparseGPT).",
-        description="Prune MODEL to 2:4 with a one-shot baseline and write the standard output folder (pruned model, "
-        "tokenizer, proxsparse_config.json, masks, sparsity_report.json, run_info.json).",
+        help=f"Prune a model to 2:4 with a one-shot method ({', '.join(get_pruner(n).label for n in names)}).",
+        description="Prune MODEL to 2:4 with a one-shot method and write the standard output folder (pruned model, "
+        "tokenizer, proxsparse_config.json, masks, sparsity_report.json, run_info.json); prints a JSON summary line. "
+        "Everything that needs no weights (paths, output folder, calibration data and its token count, target match, "
+        "method options) is checked before the model is loaded."
+        + (f" Learned methods ({', '.join(learned)}): use `proxsparse learn`." if learned else ""),
+        epilog=_methods_epilog(names),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("model", help="Hub id, local folder, or path to a .gguf file.")
-    parser.add_argument("--method", required=True, choices=["magnitude", "wanda", "sparsegpt"], help="Baseline.")
-    parser.add_argument(
-        "--no-update-weights",
-        action="store_true",
-        help="SparseGPT only: keep the original weights under the SparseGPT mask (no OBS weight update).",
-    )
-    parser.add_argument("--output-dir", "-o", required=True, help="Output folder.")
-    parser.add_argument("--overwrite", action="store_true", help="Replace a non-empty output folder.")
+    parser.add_argument("--method", required=True, choices=names, help="Pruning method (listed below).")
+    add_output_args(parser, required=True, help="Output folder (must be empty unless --overwrite).")
     parser.add_argument("--no-progress", action="store_true", help="Hide progress bars.")
     add_model_args(parser)
-    add_target_args(parser)
+    add_target_args(parser, default_help="Default all-linear.")
     add_calibration_args(parser)
+    add_method_option_args(parser, switches=True)
     return parser
 
 
-def run(args: argparse.Namespace) -> int:
-    from ..artefacts.output_dir import save_pruned_output
+def prune_config(args: argparse.Namespace) -> Any:
+    """The ``ProxSparseConfig`` recording the target selection of ``prune`` / ``compare``."""
     from ..config import ProxSparseConfig
-    from ..loading import model_revision
-    from ..pruners import prune
 
-    if args.no_update_weights and args.method != "sparsegpt":
-        raise ValueError(f"--no-update-weights only applies to --method sparsegpt, not {args.method!r}.")
-    start = time.perf_counter()
-    model, tokenizer = load_model(args, args.model)
-    config = ProxSparseConfig(
-        target_modules=parse_target_modules(args.target_modules),
-        exclude_modules=parse_target_modules(args.exclude_modules),
+    targets = {
+        "target_modules": parse_target_modules(args.target_modules),
+        "exclude_modules": parse_target_modules(args.exclude_modules, "--exclude-modules"),
+    }
+    return ProxSparseConfig(
+        **{k: v for k, v in targets.items() if v is not None},
         base_model_name_or_path=args.model,
-        revision=args.revision or model_revision(model),
+        revision=args.revision,
     )
-    calibration, spec = (None, None)
-    if args.method != "magnitude":
-        calibration, spec = load_calibration(args, tokenizer)
-    options = method_options(args.method, args, update_weights=not args.no_update_weights)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .. import loading
+    from ..artefacts import save_pruned_output
+    from ..pruners import get_pruner, prune
+    from .common import (
+        check_numbers,
+        check_output_dir,
+        check_seq_len,
+        inspect_model,
+        load_calibration,
+        resolve_calibration,
+    )
+
+    # every check that needs no weights, before anything is loaded or written
+    start = time.perf_counter()
+    spec = get_pruner(args.method)
+    check_method_flags(args.method, args)
+    options = method_options(args.method, args)
+    spec.resolve_options({k: v for k, v in options.items() if k in spec.options})
+    check_numbers(args, {"n_samples": ">=1", "seq_len": ">=1", "batch_size": ">=1"})
+    out = check_output_dir(args.output_dir, overwrite=args.overwrite)
+    config = prune_config(args)
+    documents = resolve_calibration(args) if spec.needs_calibration else None
+    model_config = inspect_model(args, config)
+    source = {"gguf_file": args.gguf_file, "revision": args.revision}
+    tokenizer = loading.load_tokenizer(args.model, **source)
+    calibration, calibration_info = None, None
+    if spec.needs_calibration:
+        check_seq_len(model_config, args.seq_len)
+        calibration, calibration_info = load_calibration(args, documents, tokenizer)
+
+    model = loading.load_model(args.model, config=model_config, dtype=args.dtype, device=args.device, **source)
+    config.revision = args.revision or loading.model_revision(model)
     prune_start = time.perf_counter()
     masks = prune(model, args.method, calibration, config, **options)
     prune_time = time.perf_counter() - prune_start
     run_info = {
-        "calibration": spec,
+        "calibration": calibration_info,
         "method_config": {k: v for k, v in options.items() if k != "show_progress"},
         "prune_time_s": prune_time,
         "wall_time_s": time.perf_counter() - start,
-        "command": command_line(),
+        "command": command_line(args),
     }
     output = save_pruned_output(
-        args.output_dir,
+        out,
         model,
         tokenizer,
         config=config,
@@ -204,13 +228,15 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
     )
     report = output.report
-    logger.info(
-        "%s: %d/%d target layers valid 2:4, target sparsity %.2f%%, pruning took %.1fs; saved to %s",
-        args.method,
-        report.num_2to4_layers,
-        len(report.layers),
-        100 * report.target_sparsity,
-        prune_time,
-        output.path,
-    )
+    summary = {
+        "output_dir": out,
+        "method": args.method,
+        "target_layers": len(report.layers),
+        "layers_2to4": report.num_2to4_layers,
+        "target_sparsity": round(report.target_sparsity, 4),
+        "overall_sparsity": round(report.overall_sparsity, 4),
+        "prune_time_s": round(prune_time, 1),
+        "wall_time_s": round(time.perf_counter() - start, 1),
+    }
+    print(json.dumps(summary), flush=True)
     return 0

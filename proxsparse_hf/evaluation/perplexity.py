@@ -4,10 +4,17 @@ WikiText-2 (raw) test split and C4 validation: join the documents with ``"\\n\\n
 non-overlapping windows of ``seq_len`` tokens, drop the remainder; every window is scored independently (next-token
 prediction over its ``seq_len - 1`` targets) and perplexity = ``exp(mean NLL over all scored tokens)``.
 
-Known dataset names resolve to the local copies in ``../shared/assets/data`` (relative to the working directory or to the
-repository, or under ``$PROXSPARSE_DATA_DIR``) when present, else to the Hub through ``datasets``. C4 uses documents
-``[1000, 2000)`` of the local 2,000-document validation sample; calibration uses ``[0, 1000)``, so the two never overlap.
-Any other string is a local file/directory or Hub dataset id read with :func:`proxsparse_hf.data.load_texts`.
+BOS: when the tokenizer adds a BOS token (Llama, Mistral, Gemma, ...; see :func:`proxsparse_hf.data.wants_bos`), each
+window is ``[BOS]`` + the next ``seq_len - 1`` tokens of the text, and all ``seq_len - 1`` text tokens are scored (the
+first one predicted from BOS alone). Without BOS (e.g. SmolLM2, GPT-2) a window is the next ``seq_len`` tokens and its
+first token is context only — the windows of earlier versions. ``bos=False`` / ``True`` overrides the tokenizer; the
+choice is returned as ``"bos"``.
+
+Known dataset names resolve through :func:`proxsparse_hf.data.resolve_document_range` to the local copies in the shared
+data folder (:func:`proxsparse_hf.data.find_assets_dir`) when present, else to the Hub through ``datasets``. C4 uses
+documents ``[1000, 2000)`` of the local 2,000-document validation sample (also when given as a path to it);
+calibration uses ``[0, 1000)``, so the two never overlap. Any other string is a local file/directory or Hub dataset id
+read with :func:`proxsparse_hf.data.load_texts`.
 """
 
 from __future__ import annotations
@@ -22,17 +29,26 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..data import load_texts, tokenize_windows
+from ..data import (
+    C4_EVAL_DOCS,
+    CALIBRATION_DOCS,
+    CORPORA,
+    bos_token_id,
+    find_assets_dir,
+    load_texts,
+    resolve_document_range,
+    tokenize_windows,
+)
 from ..loading import input_device, resolve_dtype
 
 __all__ = [
-    "C4_EVAL_DOCS",
-    "CALIBRATION_DOCS",
+    "C4_EVAL_DOCS",  # re-exported from proxsparse_hf.data, which owns corpora and document ranges
+    "CALIBRATION_DOCS",  # idem
     "DEFAULT_MAX_SEQ_LEN",
     "PERPLEXITY_DATASETS",
     "PerplexityDataset",
     "evaluate_perplexity",
-    "find_assets_dir",
+    "find_assets_dir",  # idem
     "model_max_length",
     "perplexity",
     "resolve_dataset",
@@ -41,8 +57,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_SEQ_LEN = 2048
-CALIBRATION_DOCS = (0, 1000)  # documents of the local C4 sample used for calibration
-C4_EVAL_DOCS = (1000, 2000)  # documents of the local C4 sample used for C4 perplexity
 _LENGTH_ATTRS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
 
 
@@ -67,38 +81,23 @@ class PerplexityDataset:
     stop: int | None = None
 
 
-# short name -> (local path under the data dir, Hub fallback)
+def _hub_dataset(name: str) -> PerplexityDataset:
+    corpus = CORPORA[name]
+    start, stop = corpus.evaluation_docs
+    return PerplexityDataset(
+        name, corpus.hub_ids[0], split=corpus.hub_split, subset=corpus.hub_config, start=start, stop=stop
+    )
+
+
+# short name -> (local path under the data dir, Hub fallback); the corpora themselves live in proxsparse_hf.data
 PERPLEXITY_DATASETS: dict[str, tuple[str, PerplexityDataset]] = {
-    "wikitext2": (
-        os.path.join("wikitext-2-raw-v1", "test.jsonl"),
-        PerplexityDataset("wikitext2", "wikitext", split="test", subset="wikitext-2-raw-v1"),
-    ),
-    "c4": (
-        os.path.join("c4-validation-2k", "c4_validation_2k.jsonl"),
-        PerplexityDataset(
-            "c4", "allenai/c4", split="validation", subset="en", start=C4_EVAL_DOCS[0], stop=C4_EVAL_DOCS[1]
-        ),
-    ),
+    name: (CORPORA[name].path, _hub_dataset(name)) for name in ("wikitext2", "c4")
 }
 
 
-def find_assets_dir() -> str | None:
-    """The shared data folder: ``$PROXSPARSE_DATA_DIR``, else ``../shared/assets/data`` relative to the working directory
-    or to the repository this package lives in; None when none exists."""
-    candidates = []
-    if os.environ.get("PROXSPARSE_DATA_DIR"):
-        candidates.append(os.environ["PROXSPARSE_DATA_DIR"])
-    candidates.append(os.path.join(os.getcwd(), "..", "shared", "assets", "data"))
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    candidates.append(os.path.join(repo, "..", "shared", "assets", "data"))
-    for path in candidates:
-        if os.path.isdir(path):
-            return os.path.abspath(path)
-    return None
-
-
 def resolve_dataset(dataset: str | PerplexityDataset) -> PerplexityDataset:
-    """Map ``"wikitext2"`` / ``"c4"`` to the local copy (when present) or the Hub; other strings are used as sources."""
+    """Map ``"wikitext2"`` / ``"c4"`` to the local copy (when present) or the Hub; other strings are used as sources
+    (a path to a known corpus gets its evaluation documents, e.g. C4 ``[1000, 2000)``)."""
     if isinstance(dataset, PerplexityDataset):
         return dataset
     if not isinstance(dataset, str) or not dataset:
@@ -106,15 +105,12 @@ def resolve_dataset(dataset: str | PerplexityDataset) -> PerplexityDataset:
             f"`dataset`={dataset!r} is invalid; allowed: {sorted(PERPLEXITY_DATASETS)}, a path or a Hub id."
         )
     key = dataset.lower().replace("-", "").replace("_", "")
-    if key in PERPLEXITY_DATASETS:
-        local, hub = PERPLEXITY_DATASETS[key]
-        assets = find_assets_dir()
-        if assets is not None and os.path.isfile(os.path.join(assets, local)):
-            return PerplexityDataset(
-                hub.name, os.path.join(assets, local), split=hub.split, start=hub.start, stop=hub.stop
-            )
-        return hub
-    return PerplexityDataset(dataset, dataset)
+    name = key if key in PERPLEXITY_DATASETS else dataset
+    docs = resolve_document_range(name, purpose="evaluation", split="test")
+    split = docs.split
+    if split is None:  # local: the split the file was drawn from (recorded in results)
+        split = CORPORA[docs.corpus].hub_split if docs.corpus in PERPLEXITY_DATASETS else "test"
+    return PerplexityDataset(name, docs.source, split=split, subset=docs.name, start=docs.start, stop=docs.stop)
 
 
 def model_max_length(model: nn.Module) -> int | None:
@@ -170,6 +166,7 @@ def perplexity(
     max_windows: int | None = None,
     text_field: str = "text",
     show_progress: bool = True,
+    bos: bool | None = None,
 ) -> dict[str, Any]:
     """Perplexity of ``model`` on one dataset.
 
@@ -183,10 +180,13 @@ def perplexity(
         max_windows: score only the first this many windows (quick runs).
         text_field: record field holding the text.
         show_progress: tqdm progress bar.
+        bos: start every window with the BOS token; None (default) when the tokenizer adds one (see the module
+            docstring), False never, True always.
 
     Returns:
-        ``{"ppl", "nll", "num_tokens", "num_windows", "seq_len", "source", "split", "documents"}`` where ``nll`` is the mean
-        NLL per scored token (nats) and ``num_tokens`` the number of scored tokens (``num_windows · (seq_len − 1)``).
+        ``{"ppl", "nll", "num_tokens", "num_windows", "seq_len", "source", "split", "documents", "bos"}`` where ``nll``
+        is the mean NLL per scored token (nats), ``num_tokens`` the number of scored tokens
+        (``num_windows · (seq_len − 1)``) and ``bos`` whether the windows started with BOS.
 
     Raises:
         ValueError: ``seq_len`` above the model's limit, bad options, or a dataset with fewer tokens than one window.
@@ -198,6 +198,7 @@ def perplexity(
         isinstance(max_windows, bool) or not isinstance(max_windows, int) or max_windows < 1
     ):
         raise ValueError(f"`max_windows`={max_windows!r} is invalid; allowed: None or an integer >= 1.")
+    bos_id = bos_token_id(tokenizer, bos)
     if dtype is not None:
         resolved = resolve_dtype(dtype)
         if isinstance(resolved, torch.dtype):
@@ -206,7 +207,7 @@ def perplexity(
     texts = load_texts(
         spec.source, split=spec.split, text_field=text_field, name=spec.subset, start=spec.start, stop=spec.stop
     )
-    windows = tokenize_windows(texts, tokenizer, seq_len)
+    windows = tokenize_windows(texts, tokenizer, seq_len, bos=bos_id is not None)
     if max_windows is not None:
         windows = windows[:max_windows]
     was_training = model.training
@@ -226,6 +227,7 @@ def perplexity(
         "source": os.path.abspath(spec.source) if os.path.exists(spec.source) else spec.source,
         "split": spec.split,
         "documents": [spec.start, spec.stop],
+        "bos": bos_id is not None,
     }
     logger.info("%s perplexity %.3f (%d windows x %d tokens)", spec.name, result["ppl"], windows.shape[0], seq_len)
     return result

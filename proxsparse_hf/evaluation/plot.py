@@ -1,62 +1,152 @@
-"""Bar chart of perplexity per method (matplotlib, optional extra ``plots``; imported lazily)."""
+"""The charts of the library (matplotlib, optional extra ``plots``; imported only when a chart is drawn).
+
+* :func:`plot_perplexity`: perplexity per model and dataset as grouped bars, from :class:`EvalResults` (the model card,
+  ``proxsparse compare`` and ``benchmarks/plot_quality.py`` draw it).
+* :func:`plot_telemetry`: the ProxSparse training telemetry against the step (``proxsparse learn``, the benchmarks).
+
+Both draw on a ``matplotlib.figure.Figure`` with the Agg canvas: no pyplot state, no global backend switch.
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from .results import EvalResults
+from .telemetry import TELEMETRY_KEYS, telemetry_series
 
-__all__ = ["plot_perplexity"]
+__all__ = ["plot_perplexity", "plot_telemetry"]
+
+_INSTALL = 'pip install "proxsparse-hf[plots]"'
+_AUTO_LOG_RATIO = 20.0  # log scale when the largest perplexity is this many times the smallest
+_MAX_ANNOTATED_BARS = 24
+
+
+def _figure(width: float, height: float) -> Any:
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as exc:
+        raise RuntimeError(f"Charts need matplotlib: {_INSTALL}") from exc
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _dataset_label(name: str) -> str:
+    from .tasks import eval_task_names, get_eval_task
+
+    return get_eval_task(name).label if name in eval_task_names() else name
 
 
 def plot_perplexity(
     results: Sequence[EvalResults],
     path: str | os.PathLike,
     *,
-    dataset: str = "wikitext2",
+    datasets: str | Sequence[str] | None = None,
     labels: Sequence[str] | None = None,
-    log_scale: bool = True,
+    log_scale: bool | None = None,
+    title: str | None = None,
 ) -> str:
-    """Save a bar chart of ``dataset`` perplexity for each result; returns the path.
+    """Save a bar chart of perplexity: one group of bars per result, one bar per dataset; returns the path.
 
     Args:
-        results: one :class:`EvalResults` per bar.
+        results: the rows (dense, baselines, learned masks), in order.
         path: PNG path.
-        dataset: which perplexity to plot.
-        labels: bar labels (default :attr:`EvalResults.label`).
-        log_scale: logarithmic y axis (2:4 baselines can be orders of magnitude apart).
+        datasets: which perplexities (default every dataset any result has, in order of appearance).
+        labels: one x label per result (default :attr:`EvalResults.display_label`).
+        log_scale: logarithmic y axis; None chooses it when the values span more than a factor of 20 (2:4 baselines
+            can be orders of magnitude apart).
+        title: figure title (default names the model).
 
     Raises:
         RuntimeError: matplotlib is not installed.
-        ValueError: no result has a perplexity on ``dataset``.
+        ValueError: ``labels`` does not match ``results``, or no result has a perplexity on ``datasets``.
     """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise RuntimeError('The comparison chart needs matplotlib: pip install "proxsparse-hf[plots]"') from exc
     if labels is not None and len(labels) != len(results):
         raise ValueError(f"`labels` has {len(labels)} entries for {len(results)} results.")
-    names = list(labels) if labels is not None else [r.label for r in results]
-    rows = [(name, r.ppl(dataset)) for name, r in zip(names, results) if r.ppl(dataset) is not None]
+    names = list(labels) if labels is not None else [r.display_label for r in results]
+    if isinstance(datasets, str):
+        datasets = [datasets]
+    wanted = list(datasets) if datasets is not None else list(dict.fromkeys(d for r in results for d in r.perplexity))
+    rows = [(name, r) for name, r in zip(names, results) if any(r.ppl(d) is not None for d in wanted)]
     if not rows:
-        raise ValueError(f"No result has a perplexity on `dataset`={dataset!r}.")
-    names, values = zip(*rows)
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(rows) + 1.5), 3.6))
-    bars = ax.bar(range(len(rows)), values, color=["#555555" if name == "dense" else "#1f77b4" for name in names])
-    ax.set_xticks(range(len(rows)), names, rotation=20, ha="right")
-    ax.set_ylabel(f"{dataset} perplexity" + (" (log scale)" if log_scale else ""))
+        raise ValueError(f"No result has a perplexity on `datasets`={wanted!r}.")
+    shown = [d for d in wanted if any(r.ppl(d) is not None for _, r in rows)]
+    values = [r.ppl(d) for _, r in rows for d in shown if r.ppl(d) is not None]
+    if log_scale is None:
+        log_scale = max(values) / max(min(values), 1e-12) > _AUTO_LOG_RATIO
+    fig = _figure(max(4.5, 0.9 * len(rows) * max(1, len(shown)) ** 0.5 + 2.0), 3.8)
+    ax = fig.add_subplot(1, 1, 1)
+    width = 0.8 / len(shown)
+    annotate = len(values) <= _MAX_ANNOTATED_BARS
+    for i, dataset in enumerate(shown):
+        xs = [j + (i - (len(shown) - 1) / 2) * width for j, (_, r) in enumerate(rows) if r.ppl(dataset) is not None]
+        ys = [r.ppl(dataset) for _, r in rows if r.ppl(dataset) is not None]
+        bars = ax.bar(xs, ys, width=width * 0.95, label=_dataset_label(dataset))
+        if annotate:
+            ax.bar_label(bars, labels=[f"{y:.1f}" for y in ys], fontsize=7)
+    ax.set_xticks(range(len(rows)), [name for name, _ in rows], rotation=25 if len(rows) > 3 else 0, ha="right")
     if log_scale:
         ax.set_yscale("log")
-    for bar, value in zip(bars, values):
-        ax.annotate(f"{value:.1f}", (bar.get_x() + bar.get_width() / 2, value), ha="center", va="bottom", fontsize=8)
-    model = results[0].model
-    ax.set_title(f"2:4 sparsity — {os.path.basename(model.rstrip('/')) or model}", fontsize=10)
-    fig.tight_layout()
+    ax.set_ylabel("perplexity" + (" (log scale)" if log_scale else "") + ", lower is better")
+    if len(shown) > 1:
+        ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    if title is None:
+        models = list(dict.fromkeys(r.model for _, r in rows))
+        title = "Perplexity: dense vs 2:4" + (f" — {models[0]}" if len(models) == 1 else "")
+    ax.set_title(title, fontsize=10)
     path = os.fspath(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    return path
+
+
+def plot_telemetry(
+    runs: Sequence[EvalResults] | Mapping[str, Sequence[Mapping[str, Any]]] | Sequence[Mapping[str, Any]],
+    path: str | os.PathLike,
+    title: str | None = None,
+) -> str:
+    """Plot loss, fraction of 2:4 groups, mask flips and regulariser against the step into a PNG; returns the path.
+
+    Args:
+        runs: one ``log_history``, ``{run_name: log_history}`` or a sequence of :class:`EvalResults` (their
+            ``telemetry``, named by label); one line per run in every panel.
+        path: output PNG.
+        title: figure title.
+
+    Raises:
+        ValueError: no telemetry in any run.
+        RuntimeError: matplotlib is missing.
+    """
+    if isinstance(runs, Mapping):
+        histories = dict(runs)
+    elif runs and all(isinstance(r, EvalResults) for r in runs):
+        histories = {r.label: r.telemetry for r in runs if r.telemetry}
+    else:
+        histories = {"run": runs}
+    all_series = {name: telemetry_series(history) for name, history in histories.items()}
+    if not any(all_series.values()):
+        raise ValueError("No ProxSparse telemetry (e.g. 'proxsparse/frac_2to4') in the given log history.")
+    fig = _figure(11, 7)
+    axes = fig.subplots(2, 2)
+    for ax, (key, label) in zip(axes.flat, TELEMETRY_KEYS):
+        for name, series in all_series.items():
+            if key in series:
+                ax.plot(*series[key], marker=".", label=name)
+        ax.set_title(label)
+        ax.set_xlabel("step")
+        if key in ("proxsparse/regularizer", "proxsparse/mask_flips"):
+            ax.set_yscale("symlog")
+        ax.grid(alpha=0.3)
+    handles, labels = axes.flat[1].get_legend_handles_labels()
+    several = len(histories) > 1
+    if several and handles:
+        fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.06 if several else 0, 1, 1))
+    path = os.fspath(path)
+    fig.savefig(path, dpi=110)
     return path

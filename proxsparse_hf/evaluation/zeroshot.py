@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Sequence
 from typing import Any
 
-from .perplexity import find_assets_dir
+from ..data import find_assets_dir
 
 __all__ = ["DEFAULT_TASKS", "LOCAL_TASK_FILES", "local_task_configs", "zeroshot_eval"]
 

@@ -1,6 +1,6 @@
 """The cuSPARSELt 2:4 matmul as one registered operator, ``torch.ops.proxsparse_hf.cslt_linear``.
 
-Eager calls go straight to :func:`cslt_linear`. Under ``torch.compile`` :class:`~proxsparse_hf.inference.convert.SparseLinear2to4`
+Eager calls go straight to :func:`cslt_linear`. Under ``torch.compile`` :class:`~proxsparse_hf.inference.layer.SparseLinear2to4`
 calls the operator instead of ``torch._cslt_sparse_mm`` for one reason: Inductor lowers ``_cslt_sparse_mm`` as a
 fallback whose input must have the exact strides it had when traced (a transposed view), and an input that is still
 an unfused element-wise result (an RMSNorm's output, say) is then written out once per consumer. The q, k and v

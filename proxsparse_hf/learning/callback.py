@@ -5,10 +5,15 @@ The callback only reacts to Trainer events; the method lives in :class:`proxspar
 * ``on_init_end`` / ``on_train_begin``: resolve targets, freeze non-target parameters (unless
   ``config.train_non_target_params``), snapshot the original target weights (or reload the snapshot when resuming),
   record the base model id / revision in the config.
-* ``on_pre_optimizer_step`` (after gradient clipping): add the λ2 frozen-weight gradient.
-* ``on_optimizer_step`` (right after ``optimizer.step()``): the 2:4 prox operator on every target.
+* ``on_pre_optimizer_step`` (after gradient clipping): add the λ2 frozen-weight gradient; with
+  ``step_scaling="weight_rms"`` also divide every target by its layer's RMS(W0) and multiply its gradient by it, so the
+  optimizer steps the weights in units of the layer's scale.
+* ``on_optimizer_step`` (right after ``optimizer.step()``): with ``step_scaling="weight_rms"`` multiply the targets back
+  (the ``learning_rate`` of ``TrainingArguments`` is then a step relative to each layer's RMS(W0); use
+  ``max_grad_norm=0``), then the 2:4 prox operator on every target.
 * ``on_step_end`` / ``on_log``: telemetry (fraction of 2:4 groups, mask flips, regulariser, distance to the original).
-* ``on_save``: the original-weight snapshot goes into the checkpoint folder, so ``resume_from_checkpoint`` works.
+* ``on_save``: the original-weight snapshot (and the input norms of an importance measure that uses them) goes into the
+  checkpoint folder, so ``resume_from_checkpoint`` works; per-layer scales are derived from it again on resume.
 * ``on_train_end``: mask = top-2 |learned| per group, applied to the *original* weights in place; every other
   parameter is restored to its original value. ``trainer.model`` / ``trainer.save_model()`` give the pruned model.
 
@@ -40,6 +45,7 @@ from transformers.trainer_callback import DefaultFlowCallback
 from ..config import ProxSparseConfig
 from ..report import SparsityReport, sparsity_report
 from .distributed import find_distributed_targets, sharded_sparsity_report
+from .importance import get_importance
 from .learner import MaskLearner
 
 __all__ = ["ProxSparseCallback"]
@@ -111,7 +117,11 @@ class ProxSparseCallback(TrainerCallback):
         if state.global_step > 0:
             checkpoint = os.path.join(args.output_dir, f"{_CHECKPOINT_PREFIX}-{state.global_step}")
             original = MaskLearner.load_snapshot(checkpoint)
-            norms = MaskLearner.load_input_norms(checkpoint) if self.config.importance == "activation" else None
+            norms = (
+                MaskLearner.load_input_norms(checkpoint)
+                if get_importance(self.config.importance).needs_input_norms
+                else None
+            )
             logger.info("ProxSparse: resumed the original-weight snapshot from %s", checkpoint)
         self.learner = MaskLearner(model, self.config, original=original, input_norms=norms)
         if self.learner.needs_input_norms:
@@ -134,26 +144,38 @@ class ProxSparseCallback(TrainerCallback):
         if self.config.revision is None and revision:
             self.config.revision = str(revision)
         self.prox_seconds = 0.0
+        if self.config.step_scaling == "weight_rms" and getattr(args, "max_grad_norm", 0) > 0:
+            logger.warning(
+                "ProxSparse: step_scaling='weight_rms' with max_grad_norm=%g: clipping by one global gradient norm mixes "
+                "layers of different scales, so the steps are not scale-free while it clips; set max_grad_norm=0 (what "
+                "learn_mask does for this recipe).",
+                args.max_grad_norm,
+            )
         logger.info(
-            "ProxSparse: %d target modules, lambda1=%g (%s, scaling=%s), lambda2=%g",
+            "ProxSparse: %d target modules, lambda1=%g (%s, scaling=%s), lambda2=%g, importance=%s, step_scaling=%s "
+            "(learning_rate %g %s)",
             len(self.learner.targets),
             self.config.lambda1,
             self.config.lambda_schedule,
             self.config.lambda_scaling,
             self.config.lambda2,
+            self.config.importance,
+            self.config.step_scaling,
+            getattr(args, "learning_rate", float("nan")),
+            "relative to each layer's RMS(W0)" if self.config.step_scaling == "weight_rms" else "absolute",
         )
         if self.log_statistics:
             self.learner.statistics()  # reference masks for the first flip count
 
     # ------------------------------------------------------------------ optimisation
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self.learner.add_frozen_weight_grad()
+        self.learner.before_optimizer_step()
 
     def on_optimizer_step(self, args, state, control, lr_scheduler=None, **kwargs):
         lr = lr_scheduler.get_last_lr()[0] if lr_scheduler is not None else args.learning_rate
         start = time.perf_counter()
         # global_step is incremented after this event: the step that just ran is global_step + 1
-        self.learner.prox_step(state.global_step + 1, state.max_steps, lr=lr)
+        self.learner.after_optimizer_step(state.global_step + 1, state.max_steps, lr=lr)
         self.prox_seconds += time.perf_counter() - start
 
     # ------------------------------------------------------------------ telemetry
@@ -199,12 +221,13 @@ class ProxSparseCallback(TrainerCallback):
 def _calibration_batches(train_dataloader: Any, args: Any, num_batches: int) -> Any:
     """The first ``num_batches`` global training batches in dataset order, this rank's share of each (rank ``r`` of
     ``W`` takes samples ``[b·G + r·B, b·G + (r+1)·B)`` of global batch ``b``, ``B`` per device, ``G = B·W``), built without
-    touching the Trainer's own loader (its iteration state and random seed): the data ``importance="activation"``
-    measures input norms on. The norms summed over ranks are then the same for any number of processes."""
+    touching the Trainer's own loader (its iteration state and random seed): the data an importance measure with input
+    statistics (``"activation"``) measures input norms on. The norms summed over ranks are then the same for any
+    number of processes."""
     if train_dataloader is None:
         raise ValueError(
-            "ProxSparseConfig(importance='activation') needs the training data to measure input norms, but the Trainer "
-            "passed no train_dataloader to the callback."
+            "The importance measure needs the training data to measure input norms, but the Trainer passed no "
+            "train_dataloader to the callback."
         )
     from torch.utils.data import DataLoader, IterableDataset, Subset
 

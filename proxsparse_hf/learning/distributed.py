@@ -38,6 +38,7 @@ __all__ = [
     "all_reduce_tensors",
     "clean_name",
     "find_distributed_targets",
+    "global_rms",
     "is_dtensor",
     "is_sharded",
     "local_tensor",
@@ -379,6 +380,25 @@ def shard_targets(targets: Mapping[str, Target], model: nn.Module | None = None)
 def is_sharded(shards: Mapping[str, TargetShard]) -> bool:
     """True when any target is split over ranks (statistics need a reduction, masks a gather)."""
     return any(s.sharded for s in shards.values())
+
+
+@torch.no_grad()
+def global_rms(
+    shards: Mapping[str, TargetShard], tensors: Mapping[str, torch.Tensor], sharded: bool
+) -> dict[str, float]:
+    """RMS of every full tensor from its local parts ``tensors[shard.name]`` (sums over ranks when ``sharded``: a
+    collective; replicated copies count once). Layers whose RMS is 0 get 0."""
+    sums: list[float] = []
+    for s in shards.values():
+        values = tensors[s.name].float()
+        share = s.replication if sharded else 1
+        sums += [float(values.pow(2).sum()) / share, values.numel() / share]
+    if sharded:
+        sums = all_reduce_sums(sums)
+    return {
+        s.name: math.sqrt(sums[2 * i] / sums[2 * i + 1]) if sums[2 * i + 1] else 0.0
+        for i, s in enumerate(shards.values())
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -3,78 +3,50 @@
 A custom loop uses it directly::
 
     learner = MaskLearner(model, config)           # resolves targets, snapshots the original weights
+    if learner.needs_input_norms:                  # an importance measure with input statistics ("activation")
+        learner.measure_input_norms(batches)
     for step, batch in enumerate(loader, 1):
         loss = model(**batch).loss; loss.backward()
-        learner.add_frozen_weight_grad()           # λ2 term (no-op when lambda2 == 0)
+        learner.before_optimizer_step()            # λ2 gradient; step_scaling="weight_rms": gradients in layer units
         optimizer.step(); optimizer.zero_grad()
-        learner.prox_step(step, max_steps, lr=scheduler.get_last_lr()[0])
+        learner.after_optimizer_step(step, max_steps, lr=scheduler.get_last_lr()[0])  # relative step, then the prox
     masks = learner.finalize()                     # model now holds original ⊙ mask
 
-``trainer_callbacks.ProxSparseCallback`` calls exactly these methods from the ``Trainer`` events.
+:class:`~proxsparse_hf.learning.callback.ProxSparseCallback` calls exactly these methods from the ``Trainer`` events.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Iterable, Mapping
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..config import ProxSparseConfig
 from ..loading import input_device
 from ..masks import apply_2to4_masks, count_mask_flips, extract_2to4_masks, mask_2to4
-from ..pruners.wanda import make_wanda_stats
 from ..targets import Target
+from . import checkpoint
+from .checkpoint import INPUT_NORMS_NAME, SNAPSHOT_NAME
 from .distributed import (
     TargetShard,
     all_reduce_sums,
-    all_reduce_tensors,
     find_distributed_targets,
+    global_rms,
     is_sharded,
     local_tensor,
     shard_targets,
 )
+from .importance import get_importance, measure_input_norms
 from .prox import Prox2to4Batch, prox_2to4
 from .regularizers import frozen_weight_grad, regularizer_2to4
+from .step_scaling import RelativeStep
 
 __all__ = ["INPUT_NORMS_NAME", "SNAPSHOT_NAME", "MaskLearner"]
 
 logger = logging.getLogger(__name__)
-
-SNAPSHOT_NAME = "proxsparse_original_weights.safetensors"
-INPUT_NORMS_NAME = "proxsparse_input_norms.safetensors"
-# lower bound of a normalised input-feature scale (importance="activation"): dead features get a tiny, non-zero scale
-_MIN_COLUMN_SCALE = 1e-3
-
-
-def _save_atomic(tensors: Mapping[str, torch.Tensor], path: str) -> None:
-    """Write a safetensors file through a temporary name, so a crash never leaves a half-written file at ``path``."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
-    os.replace(tmp, path)
-
-
-def _check_activation_sharding(shards: Mapping[str, TargetShard]) -> None:
-    """``importance="activation"`` scales whole input columns: every rank must hold all input features of its rows."""
-    for s in shards.values():
-        if s.kind == "fsdp1":
-            raise ValueError(
-                f"`importance`='activation' cannot run on FSDP1 flat shards (target `{s.name}`); use FSDP2 (sharded "
-                f"along the output dimension), DDP or device_map, or importance='magnitude'."
-            )
-        in_features = s.global_shape[0] if s.target.transposed else s.global_shape[-1]
-        local_in = s.grouped(s.local(s.target.weight.detach())).shape[-1]
-        if local_in != in_features:
-            raise ValueError(
-                f"`importance`='activation' needs every input feature of a row on one rank, but target `{s.name}` "
-                f"(weight shape {s.global_shape}) is sharded along its input dimension ({local_in} of {in_features} "
-                f"features here); shard the output dimension, or use importance='magnitude'."
-            )
 
 
 class MaskLearner:
@@ -85,14 +57,15 @@ class MaskLearner:
         config: the recipe.
         original: original target weights ``{weight_name: tensor}`` (e.g. restored from a checkpoint); snapshotted from the
             model when None.
-        input_norms: for ``config.importance="activation"``, ``‖X_j‖₂`` per input feature of every target
-            (``{weight_name: 1-D tensor}``, e.g. restored from a checkpoint); otherwise measure them with
+        input_norms: for an importance measure with input statistics (``"activation"``), ``‖X_j‖₂`` per input feature
+            of every target (``{weight_name: 1-D tensor}``, e.g. restored from a checkpoint); otherwise measure them with
             :meth:`measure_input_norms` before the first prox step.
 
     Distributed training (DDP, FSDP2 ``DTensor``, FSDP1 ``use_orig_params=True``, ``device_map``): ``self.shards``
     describes what this rank holds of each target (see :mod:`proxsparse_hf.learning.distributed`); the snapshot, the prox and
-    the final mask application work on the local shards only. With sharded weights, :meth:`statistics`,
-    :meth:`finalize`, :meth:`save_snapshot` and the constructor are collectives (every rank calls them).
+    the final mask application work on the local shards only, and per-layer scales come from the full weights. With
+    sharded weights, :meth:`statistics`, :meth:`finalize`, :meth:`save_snapshot`, :meth:`measure_input_norms`,
+    :meth:`set_input_norms` and the constructor are collectives (every rank calls them).
     """
 
     def __init__(
@@ -104,6 +77,7 @@ class MaskLearner:
     ) -> None:
         self.model = model
         self.config = config
+        self.importance = get_importance(config.importance)
         self.targets: dict[str, Target] = find_distributed_targets(model, config)
         frozen = [t.name for t in self.targets.values() if not t.weight.requires_grad]
         if frozen:
@@ -115,8 +89,7 @@ class MaskLearner:
         # state_dict name; equal to `Target.param_name` unless an FSDP1 wrapper inserted name parts).
         self.shards: dict[str, TargetShard] = shard_targets(self.targets, model)
         self.sharded = is_sharded(self.shards)
-        if config.importance == "activation":
-            _check_activation_sharding(self.shards)
+        self.importance.check_sharding(self.shards)
         device = None if config.snapshot_device == "same" else torch.device("cpu")
         if original is None:
             original = {s.name: s.local(s.target.weight.detach()) for s in self.shards.values()}
@@ -131,24 +104,29 @@ class MaskLearner:
             s.name: original[s.name].detach().to(device or s.local(s.target.weight).device, copy=True)
             for s in self.shards.values()
         }
-        # Per-input-feature scale s (importance="activation"), shaped to broadcast over `shard.grouped(...)`.
+        # Per-input-feature scale s of the importance measure, shaped to broadcast over `shard.grouped(...)`.
         self.column_scale: dict[str, torch.Tensor] = {}
         self.input_norms: dict[str, torch.Tensor] = {}
-        # Per-layer prox strength multiplier: 1/RMS(W0) for lambda_scaling="weight_scale" (see ProxSparseConfig).
+        # Per-layer prox strength multiplier: 1/RMS(W0·s) for lambda_scaling="weight_scale" (see ProxSparseConfig).
         self.layer_scale: dict[str, float] = {}
         self._set_layer_scale()
+        # RMS(W0) of every full target weight: the unit of the step and of the λ2 term with step_scaling="weight_rms"
+        self.weight_rms: dict[str, float] = {}
+        self._relative_step: RelativeStep | None = None
+        if config.step_scaling == "weight_rms":
+            self.weight_rms = global_rms(self.shards, self.original, self.sharded)
+            self._relative_step = RelativeStep(self.shards, self.weight_rms)
         self._last_masks: dict[str, torch.Tensor] | None = None
         self._prox_batch: Prox2to4Batch | None = None  # built at the first prox step, rebuilt if weights move
         if input_norms is not None:
             self.set_input_norms(input_norms)
 
-    # ------------------------------------------------------------------ importance="activation"
+    # ------------------------------------------------------------------ importance statistics
     @property
     def needs_input_norms(self) -> bool:
-        """True while ``importance="activation"`` still lacks the input-feature norms."""
-        return self.config.importance == "activation" and not self.column_scale
+        """True while the importance measure needs input-feature norms and has none yet."""
+        return self.importance.needs_input_norms and not self.column_scale
 
-    @torch.no_grad()
     def measure_input_norms(self, batches: Iterable[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Run the model (eval mode, no grad) on the first ``config.importance_batches`` of ``batches`` (dicts of model
         inputs; ``labels`` are dropped), record ``‖X_j‖₂`` of every target's input features and install them with
@@ -156,51 +134,20 @@ class MaskLearner:
 
         Under ``torch.distributed`` this is a collective: the squared sums are added over ranks, so each rank passes
         its own share of the data (the callback gives rank ``r`` its slice of every global batch)."""
-        stats = {s.name: make_wanda_stats(s.target) for s in self.shards.values()}  # Σ x_j² per input feature
-        handles = [
-            s.target.module.register_forward_pre_hook(lambda module, args, st=stats[s.name]: st.add(args[0].detach()))
-            for s in self.shards.values()
-        ]
-        was_training = self.model.training
-        device = input_device(self.model)
-        self.model.eval()
-        seen = 0
-        try:
-            for batch in tqdm(
-                batches, total=self.config.importance_batches, desc="ProxSparse input norms", leave=False
-            ):
-                inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items() if k != "labels"}
-                self.model(**inputs)
-                seen += 1
-                if seen >= self.config.importance_batches:
-                    break
-        finally:
-            for handle in handles:
-                handle.remove()
-            self.model.train(was_training)
-        # DDP: each rank measured its own part of the data; the sums over ranks are the norms of all of it (a rank
-        # that saw no data still takes part, with zeros)
-        names = list(stats)
-        totals = all_reduce_tensors([stats[name].sum_sq for name in names])
-        seen_by = all_reduce_tensors([torch.tensor([float(stats[name].num_tokens) for name in names])])[0]
-        missing = [name for name, count in zip(names, seen_by.tolist()) if count == 0]
-        if missing:
-            raise RuntimeError(
-                f"Measuring input norms: {len(missing)} target(s) (e.g. `{missing[0]}`) saw no input in {seen} batch(es); "
-                f"give at least one batch that runs the whole model."
-            )
-        norms = {name: total.sqrt().float() for name, total in zip(names, totals)}
+        norms = measure_input_norms(
+            self.model, self.shards, batches, self.config.importance_batches, device=input_device(self.model)
+        )
         self.set_input_norms(norms)
-        logger.info("ProxSparse: input-feature norms measured on %d batch(es) for importance='activation'", seen)
         return norms
 
     @torch.no_grad()
     def set_input_norms(self, input_norms: Mapping[str, torch.Tensor]) -> None:
-        """Install ``‖X_j‖₂`` per input feature of every target (``importance="activation"``): the scale used by the prox
-        is ``s = norms / RMS(norms)`` (floored at 1e-3), and ``lambda_scaling="weight_scale"`` uses RMS(W0·s)."""
-        if self.config.importance != "activation":
+        """Install ``‖X_j‖₂`` per input feature of every target: the prox and the top-2 rule then act on ``|W|·s`` with
+        ``s`` the importance measure's column scale (``"activation"``: ``norms / RMS(norms)``, floored at 1e-3), and
+        ``lambda_scaling="weight_scale"`` uses RMS(W0·s)."""
+        if not self.importance.needs_input_norms:
             raise ValueError(
-                f"Input norms are only used with `importance`='activation' (got {self.config.importance!r})."
+                f"Input norms are not used by `importance`={self.config.importance!r} (it needs no input statistics)."
             )
         for s in self.shards.values():
             if s.name not in input_norms:
@@ -212,33 +159,32 @@ class MaskLearner:
                     f"Input norms of `{s.name}`: expected {in_features} finite values >= 0, got shape "
                     f"{tuple(input_norms[s.name].shape)}."
                 )
-            rms = float(norms.pow(2).mean().sqrt())
-            scale = (norms / rms if rms > 0 else torch.ones_like(norms)).clamp_min(_MIN_COLUMN_SCALE)
-            device = s.local(s.target.weight).device
+            scale = self.importance.column_scale(norms)
+            if (
+                not isinstance(scale, torch.Tensor)
+                or scale.shape != norms.shape
+                or not bool((torch.isfinite(scale) & (scale > 0)).all())
+            ):
+                raise ValueError(
+                    f"`importance`={self.config.importance!r}: column_scale() of `{s.name}` must return {in_features} "
+                    f"finite values > 0 (one per input feature)."
+                )
             self.input_norms[s.name] = norms.cpu()
-            self.column_scale[s.name] = scale.to(device)
+            self.column_scale[s.name] = scale.float().to(s.local(s.target.weight).device)
         self._set_layer_scale()
 
     def _set_layer_scale(self) -> None:
         """λ1 multiplier of every target: 1 (``lambda_scaling="none"``) or 1/RMS of the full original weight in the
-        coordinates the prox works in (``W0``, or ``W0·s`` with ``importance="activation"``). With sharded weights the
-        RMS comes from per-rank sums (a collective)."""
+        coordinates the prox works in (``W0``, or ``W0·s`` with a column scale). A collective when sharded."""
         if self.config.lambda_scaling != "weight_scale":
             self.layer_scale = {s.name: 1.0 for s in self.shards.values()}
             return
-        sums: list[float] = []
-        for s in self.shards.values():
-            values = self._scores(s, s.grouped(self.original[s.name])).float()
-            share = s.replication if self.sharded else 1  # replicated copies count once in total
-            sums += [float(values.pow(2).sum()) / share, values.numel() / share]
-        if self.sharded:
-            sums = all_reduce_sums(sums)
-        for i, s in enumerate(self.shards.values()):
-            rms = math.sqrt(sums[2 * i] / sums[2 * i + 1]) if sums[2 * i + 1] else 0.0
-            self.layer_scale[s.name] = 1.0 / rms if rms > 0 else 1.0
+        scores = {s.name: self._scores(s, s.grouped(self.original[s.name])) for s in self.shards.values()}
+        rms = global_rms(self.shards, scores, self.sharded)
+        self.layer_scale = {name: 1.0 / value if value > 0 else 1.0 for name, value in rms.items()}
 
     def _scores(self, s: TargetShard, view: torch.Tensor) -> torch.Tensor:
-        """The values the regulariser and the top-2 rule act on: the grouped weights, times ``s`` for activation."""
+        """The values the regulariser and the top-2 rule act on: the grouped weights, times the column scale if any."""
         scale = self.column_scale.get(s.name)
         return view.contiguous() if scale is None else view.float() * scale.to(view.device)
 
@@ -274,9 +220,24 @@ class MaskLearner:
             return lam * min(1.0, step / max(1, max_steps))
         return lam
 
+    def before_optimizer_step(self) -> None:
+        """Everything between the final gradients (after clipping) and ``optimizer.step()``: the λ2 gradient, then, with
+        ``step_scaling="weight_rms"``, the gradients in layer units and a copy of the weights before the step."""
+        self.add_frozen_weight_grad()
+        if self._relative_step is not None:
+            self._relative_step.before_step()
+
+    def after_optimizer_step(self, step: int, max_steps: int, lr: float | None = None) -> bool:
+        """Everything right after ``optimizer.step()``: with ``step_scaling="weight_rms"`` the step becomes relative to
+        each layer's RMS(W0), then the prox (see :meth:`prox_step`, whose result is returned)."""
+        if self._relative_step is not None:
+            self._relative_step.after_step()
+        return self.prox_step(step, max_steps, lr=lr)
+
     @torch.no_grad()
     def add_frozen_weight_grad(self) -> None:
-        """Add ``λ2 · ∂/∂W Σ(W ⊙ (W − W0)/(W0 + ε·sign W0))²`` to every target's gradient (no-op when ``lambda2 == 0``)."""
+        """Add ``λ2 · ∂/∂W Σ(W ⊙ (W − W0)/(W0 + ε·sign W0))²`` to every target's gradient (no-op when ``lambda2 == 0``).
+        With ``step_scaling="weight_rms"`` the term is taken on ``W / RMS(W0)`` (``ε`` relative to the layer scale)."""
         if self.config.lambda2 == 0:
             return
         for s in self.shards.values():
@@ -285,8 +246,9 @@ class MaskLearner:
                 continue
             local, local_grad = s.local(weight.detach()), s.local(weight.grad)
             original = self.original[s.name].to(local.device, non_blocking=True)
-            grad = frozen_weight_grad(local, original, self.config.epsilon)
-            local_grad.add_(grad.to(local_grad.dtype), alpha=self.config.lambda2)
+            r = self.weight_rms.get(s.name) or 1.0  # the term on W/r: ∂/∂W = grad(W, W0, ε·r) / r²
+            grad = frozen_weight_grad(local, original, self.config.epsilon * r)
+            local_grad.add_(grad.to(local_grad.dtype), alpha=self.config.lambda2 / (r * r))
 
     @torch.no_grad()
     def prox_step(self, step: int, max_steps: int, lr: float | None = None) -> bool:
@@ -298,8 +260,8 @@ class MaskLearner:
             return False
         if self.needs_input_norms:
             raise RuntimeError(
-                "`importance`='activation': measure the input norms (MaskLearner.measure_input_norms) before the first "
-                "prox step."
+                f"`importance`={self.config.importance!r}: measure the input norms (MaskLearner.measure_input_norms) "
+                f"before the first prox step."
             )
         solver = dict(
             max_iter=self.config.solver_max_iter, tol=self.config.solver_tol, backend=self.config.solver_backend
@@ -309,7 +271,7 @@ class MaskLearner:
             view = s.grouped(s.local(s.target.weight.data))  # this rank's shard only
             if view.numel() == 0:
                 continue
-            # importance="activation": the prox runs in the scaled coordinates W·s, fused into the same pass
+            # with a column scale the prox runs in the scaled coordinates W·s, fused into the same pass
             scale = self.column_scale.get(s.name)
             if view.is_contiguous():
                 views.append(view)
@@ -369,7 +331,7 @@ class MaskLearner:
     # ------------------------------------------------------------------ end of training
     @torch.no_grad()
     def finalize(self, non_target_original: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """Extract the masks (top-2 |learned| per group), write ``original ⊙ mask`` into the model and restore the
+        """Extract the masks (top-2 scores per group), write ``original ⊙ mask`` into the model and restore the
         non-target parameters from ``non_target_original``. Returns the masks (storage layout, bool).
 
         With sharded weights every rank masks its own shard and the returned masks are the full masks, gathered on CPU
@@ -377,7 +339,7 @@ class MaskLearner:
         masks: dict[str, torch.Tensor] = {}
         if self.needs_input_norms:
             raise RuntimeError(
-                "`importance`='activation': the input norms were never measured; no mask can be chosen."
+                f"`importance`={self.config.importance!r}: the input norms were never measured; no mask can be chosen."
             )
         if not self.sharded and not self.column_scale:
             masks = extract_2to4_masks(self.model, targets=self.targets)
@@ -399,39 +361,30 @@ class MaskLearner:
 
     # ------------------------------------------------------------------ persistence (resume)
     def save_snapshot(self, directory: str | os.PathLike, write: bool = True) -> str:
-        """Write the original target weights into ``directory`` (used by checkpoints); returns the path.
+        """Write the original target weights (and the input norms, if any) into ``directory`` (used by checkpoints);
+        returns the snapshot's path. Per-layer scales are derived from these on resume, so they need no file.
 
         With sharded weights the full tensors are gathered one target at a time (a collective: every rank calls it) and
-        only ranks with ``write=True`` (the main process) write the file."""
+        only ranks with ``write=True`` (the main process) write the files."""
         path = os.path.join(os.fspath(directory), SNAPSHOT_NAME)
         if self.sharded:
             tensors = {}
             for s in self.shards.values():
                 full = s.gather(self.original[s.name])
                 if write:
-                    tensors[s.name] = full.contiguous()
+                    tensors[s.name] = full
         else:
-            tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.original.items()}
-        if not write:
-            return path
-        if self.input_norms:  # importance="activation": the scale must survive a resume unchanged
-            _save_atomic(self.input_norms, os.path.join(os.fspath(directory), INPUT_NORMS_NAME))
-        _save_atomic(tensors, path)
+            tensors = self.original
+        if write:
+            checkpoint.save_learning_state(directory, tensors, self.input_norms)
         return path
 
     @staticmethod
     def load_input_norms(directory: str | os.PathLike) -> dict[str, torch.Tensor] | None:
-        """The input-feature norms saved beside a snapshot (``importance="activation"``), or None when there are none."""
-        path = os.path.join(os.fspath(directory), INPUT_NORMS_NAME)
-        return load_file(path) if os.path.isfile(path) else None
+        """The input-feature norms saved beside a snapshot, or None when there are none."""
+        return checkpoint.load_input_norms(directory)
 
     @staticmethod
     def load_snapshot(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
         """Read a snapshot written by :meth:`save_snapshot`."""
-        path = os.path.join(os.fspath(directory), SNAPSHOT_NAME)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"No ProxSparse original-weight snapshot ({SNAPSHOT_NAME}) in {os.fspath(directory)!r}; the checkpoint was "
-                f"not written with ProxSparseCallback, so the original weights cannot be recovered."
-            )
-        return load_file(path)
+        return checkpoint.load_snapshot(directory)

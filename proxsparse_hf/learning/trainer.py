@@ -93,11 +93,16 @@ def learn_mask(
     """Learn a 2:4 mask for ``model`` on ``train_dataset`` (items with ``input_ids``/``labels``) with ProxSparse.
 
     Builds a standard ``transformers.Trainer`` (AdamW, linear schedule with warm-up) with a
-    :class:`trainer_callbacks.ProxSparseCallback`; at the end ``model`` holds ``original ⊙ mask``.
+    :class:`~proxsparse_hf.learning.callback.ProxSparseCallback`; at the end ``model`` holds ``original ⊙ mask``.
     With ``distill_alpha > 0`` the loss is ``alpha · KD + (1 − alpha) · LM`` against a frozen copy of the dense model
     (:class:`~proxsparse_hf.learning.distill.DistillationTrainer`; costs one more model in memory and one more forward per step).
-    ``learning_rate`` defaults to the one the config's recipe was measured with (:func:`recipe_learning_rate`: 3e-3 for
-    ``importance="activation"``, 1e-4 otherwise). Extra keyword arguments go to ``TrainingArguments``.
+
+    ``learning_rate`` defaults to the recipe's for the config's ``step_scaling`` (:func:`recipe_learning_rate`). With
+    ``step_scaling="weight_rms"`` (the recommended recipe) it is *relative*: a step of about ``learning_rate`` times each
+    layer's RMS(W0) per unit Adam step (default 0.01, i.e. 1 %), and gradient clipping by the global norm is off unless
+    ``max_grad_norm`` is given (a global norm mixes layers of different scales). With ``step_scaling="none"`` it is the
+    absolute AdamW learning rate (the paper's 1e-4) and the Trainer's default clipping applies. Extra keyword arguments
+    go to ``TrainingArguments``.
 
     Multi-GPU: launch the calling script with ``accelerate launch`` (DDP, or FSDP from the accelerate config, e.g.
     ``examples/accelerate_fsdp2.yaml``) or ``torchrun``; ``fsdp`` / ``fsdp_config`` are passed to ``TrainingArguments``
@@ -110,6 +115,8 @@ def learn_mask(
 
     if learning_rate is None:
         learning_rate = recipe_learning_rate(config)
+    if config.step_scaling == "weight_rms":
+        training_kwargs.setdefault("max_grad_norm", 0.0)
     if learning_rate <= 0:
         raise ValueError(f"`learning_rate`={learning_rate!r} must be > 0.")
     if len(train_dataset) == 0:
@@ -175,6 +182,8 @@ def learn_mask(
         log_history=list(trainer.state.log_history),
         training_args={
             "learning_rate": learning_rate,
+            "learning_rate_is_relative": config.step_scaling == "weight_rms",
+            "max_grad_norm": args.max_grad_norm,
             "num_train_epochs": num_train_epochs,
             "max_steps": max_steps,
             "per_device_train_batch_size": per_device_train_batch_size,

@@ -1,76 +1,74 @@
-"""One-shot 2:4 baselines behind one entry point: magnitude, Wanda and SparseGPT.
+"""2:4 pruning methods behind one entry point and one registry.
 
-They use the same target selection (:func:`proxsparse_hf.targets.find_targets`), the same 2:4 layout (groups of four along
-the input dimension, ``Conv1D`` transposed) and the same calibration data (:func:`proxsparse_hf.data.load_calibration_data`)
-as ProxSparse, so their masks are directly comparable::
+Every method is one module with one :func:`register_pruner` registration (``dense``, ``magnitude``, ``wanda``,
+``sparsegpt``, ``ria``, and the learned ``proxsparse``); :func:`prune` runs any registered one-shot method by name. They use
+the same target selection (:func:`proxsparse_hf.targets.find_targets`), the same 2:4 layout (groups of four along the input
+dimension, ``Conv1D`` transposed) and the same calibration data (:func:`proxsparse_hf.data.load_calibration_data`) as
+ProxSparse, so their masks are directly comparable::
 
-    from proxsparse_hf.pruners import prune
+    from proxsparse_hf.pruners import get_pruner, prune, pruner_names
     calib = load_calibration_data("../shared/assets/data/c4-validation-2k/c4_validation_2k.jsonl", tokenizer,
                                   seq_len=512, n_samples=128, stop=1000)
     masks = prune(model, "wanda", calib)              # the model is pruned in place
+    get_pruner("wanda").label                         # "Wanda"
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..activations import InputNormStats
 from ..targets import find_targets
-from .capture import CalibrationBatches, find_decoder_blocks, run_sequential
-from .magnitude import magnitude_prune
-from .sparsegpt import HessianStats, make_hessian_stats, sparsegpt_2to4, sparsegpt_prune_block
-from .wanda import WandaStats, make_wanda_stats, wanda_mask, wanda_prune_block, wanda_scores
+
+# importing a method's module registers it (one registration per module)
+from . import dense, magnitude, proxsparse, ria, sparsegpt, wanda  # noqa: F401
+from .capture import CalibrationBatches, SequentialPruner, find_decoder_blocks
+from .registry import PrunerOption, PrunerSpec, get_pruner, pruner_names, register_pruner, unregister_pruner
+from .ria import ria_mask, ria_scores
+from .sparsegpt import HessianStats, sparsegpt_2to4
+from .wanda import wanda_mask, wanda_scores
 
 __all__ = [
-    "BASELINE_METHODS",
+    "RUNNER_OPTIONS",
     "HessianStats",
+    "InputNormStats",
+    "PrunerOption",
+    "PrunerSpec",
+    "SequentialPruner",
     "WandaStats",
     "find_decoder_blocks",
+    "get_pruner",
     "prune",
+    "pruner_names",
+    "register_pruner",
+    "ria_mask",
+    "ria_scores",
     "sparsegpt_2to4",
+    "unregister_pruner",
     "wanda_mask",
     "wanda_scores",
 ]
 
 logger = logging.getLogger(__name__)
 
-BASELINE_METHODS = ("magnitude", "wanda", "sparsegpt")
+WandaStats = InputNormStats  # former name, kept for existing imports
 
-# options each method accepts, with defaults (magnitude accepts and ignores the calibration options)
-_COMMON = {"batch_size": 1, "show_progress": False}
-_OPTIONS: dict[str, dict[str, Any]] = {
-    "magnitude": dict(_COMMON),
-    "wanda": dict(_COMMON),
-    "sparsegpt": {
-        **_COMMON,
-        "update_weights": True,
-        "damp_percent": 0.01,
-        "block_size": 128,
-    },
-}
-
-
-def _resolve_options(method: str, opts: dict[str, Any]) -> dict[str, Any]:
-    allowed = _OPTIONS[method]
-    unknown = sorted(set(opts) - set(allowed))
-    if unknown:
-        raise ValueError(f"Unknown option(s) {unknown} for method {method!r}; allowed: {sorted(allowed)}.")
-    resolved = {**allowed, **opts}
-    if "update_weights" in resolved and not isinstance(resolved["update_weights"], bool):
-        raise ValueError(f"`update_weights`={resolved['update_weights']!r} is invalid; allowed: True or False.")
-    if "damp_percent" in resolved:
-        damp = resolved["damp_percent"]
-        if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 < damp < 1:
-            raise ValueError(f"`damp_percent`={damp!r} is invalid; allowed: a number in (0, 1).")
-    if "block_size" in resolved:
-        size = resolved["block_size"]
-        if isinstance(size, bool) or not isinstance(size, int) or size < 4 or size % 4:
-            raise ValueError(f"`block_size`={size!r} is invalid; allowed: an integer >= 4 and divisible by 4.")
-    return resolved
+# options of prune() itself, accepted for every method (used by the methods that read calibration data)
+RUNNER_OPTIONS: Mapping[str, PrunerOption] = MappingProxyType(
+    {
+        "batch_size": PrunerOption(
+            1, help="Calibration windows per forward pass.", check=lambda v: v >= 1, allowed="an integer >= 1"
+        ),
+        "show_progress": PrunerOption(False, help="Show a progress bar over the decoder blocks."),
+    }
+)
 
 
 def prune(
@@ -80,77 +78,69 @@ def prune(
     config: Any = None,
     **opts: Any,
 ) -> dict[str, torch.Tensor]:
-    """Prune the target weights of ``model`` to 2:4 in place with a one-shot baseline.
+    """Prune the target weights of ``model`` to 2:4 in place with a registered one-shot method.
 
     Args:
         model: a causal LM (any module whose decoder blocks form its largest ``nn.ModuleList``).
-        method: ``"magnitude"``, ``"wanda"`` or ``"sparsegpt"``.
-        calibration_data: for ``wanda`` / ``sparsegpt``: a :class:`~proxsparse_hf.data.TokenWindows`, an ``[N, L]`` token
-            tensor, or an iterable of dicts with ``input_ids`` (and optionally ``attention_mask``). Ignored by magnitude.
+        method: a name from :func:`pruner_names` (e.g. ``"magnitude"``, ``"wanda"``, ``"sparsegpt"``, ``"ria"``).
+        calibration_data: for methods with ``needs_calibration``: a :class:`~proxsparse_hf.data.TokenWindows`, an
+            ``[N, L]`` token tensor, or an iterable of dicts with ``input_ids`` (and optionally ``attention_mask``).
+            Ignored by the others.
         config: a ``ProxSparseConfig`` (its ``target_modules`` / ``exclude_modules``), default ``"all-linear"``.
-        **opts: ``batch_size`` (windows per forward, default 1) and ``show_progress`` (tqdm over blocks), used by wanda and
-            sparsegpt; for sparsegpt also ``update_weights`` (default True; False keeps the original weights under the
-            SparseGPT mask), ``damp_percent`` (0.01) and ``block_size`` (128).
+        **opts: ``batch_size`` (windows per forward, default 1) and ``show_progress`` (progress bar over blocks) for
+            every method, plus the method's own options (``get_pruner(method).options``), e.g. for sparsegpt
+            ``update_weights`` (default True; False keeps the original weights under the SparseGPT mask),
+            ``damp_percent`` (0.01) and ``block_size`` (128); for ria ``alpha`` (0.5).
 
     Returns:
-        ``{weight_name: bool mask}`` (storage layout, on the CPU, ``True`` = kept), exactly two kept per group of four.
+        ``{weight_name: bool mask}`` in target order (storage layout, on the CPU, ``True`` = kept), exactly two kept per
+        group of four; empty for ``dense``.
 
     Raises:
-        ValueError: unknown method or option, missing/empty calibration data, a target whose input dimension is not
-            divisible by 4, or targets outside the decoder blocks (wanda / sparsegpt).
+        ValueError: unknown method (listing the registered ones) or option (listing the allowed ones), an invalid option
+            value, a learned method (use ``learn_mask``), missing/empty calibration data, a target whose input dimension
+            is not divisible by 4, or targets outside the decoder blocks (calibration-based methods).
     """
-    if method not in BASELINE_METHODS:
-        raise ValueError(f"`method`={method!r} is invalid; allowed: {BASELINE_METHODS}.")
-    options = _resolve_options(method, opts)
+    spec = get_pruner(method)
+    if spec.learned:
+        raise ValueError(
+            f"`method`={method!r} ({spec.label}) learns its mask by training: use proxsparse_hf.learn_mask(model, "
+            f"dataset, config) or `proxsparse learn`, not prune()."
+        )
+    unknown = sorted(set(opts) - set(spec.options) - set(RUNNER_OPTIONS))
+    if unknown:
+        allowed = sorted({*spec.options, *RUNNER_OPTIONS})
+        raise ValueError(f"Unknown option(s) {unknown} for method {method!r}; allowed: {allowed}.")
+    runner = {name: option.validate(name, opts.pop(name, option.default)) for name, option in RUNNER_OPTIONS.items()}
+    options = spec.resolve_options(opts)
     targets = find_targets(model, config)
+    calibration = None
+    if spec.needs_calibration:
+        calibration = CalibrationBatches.from_any(calibration_data, batch_size=runner["batch_size"])
     start = time.perf_counter()
-    if method == "magnitude":
-        masks = {name: mask.cpu() for name, mask in magnitude_prune(model, targets).items()}
-        logger.info("magnitude: pruned %d layers in %.1fs", len(masks), time.perf_counter() - start)
-        return masks
-
-    data = CalibrationBatches.from_any(calibration_data, batch_size=options["batch_size"])
-    masks: dict[str, torch.Tensor] = {}
-    if method == "wanda":
-        make_stats = make_wanda_stats
-
-        def prune_block(block_targets, stats):
-            wanda_prune_block(block_targets, stats, masks)
-
-    else:
-        make_stats = make_hessian_stats
-
-        def prune_block(block_targets, stats):
-            sparsegpt_prune_block(
-                block_targets,
-                stats,
-                masks,
-                update_weights=options["update_weights"],
-                damp_percent=options["damp_percent"],
-                block_size=options["block_size"],
-            )
-
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            run_sequential(
+            masks = spec.fn(
                 model,
                 targets,
-                data,
-                make_stats=make_stats,
-                prune_block=prune_block,
-                progress=options["show_progress"],
-                desc=method,
+                calibration,
+                show_progress=runner["show_progress"],
+                **options,
             )
     finally:
         model.train(was_training)
-    ordered = {t.param_name: masks[t.param_name] for t in targets.values()}
+    names = [t.param_name for t in targets.values()]
+    extra = sorted(set(masks) - set(names))
+    if extra:
+        raise RuntimeError(f"Pruner {method!r} returned masks for non-target weights {extra[:3]}.")
+    ordered = {name: masks[name] for name in names if name in masks}
     logger.info(
-        "%s: pruned %d layers with %d calibration windows in %.1fs",
+        "%s: pruned %d layers%s in %.1fs",
         method,
         len(ordered),
-        data.num_samples,
+        f" with {calibration.num_samples} calibration windows" if calibration is not None else "",
         time.perf_counter() - start,
     )
     return ordered

@@ -1,4 +1,4 @@
-"""Sequential, block-by-block activation capture shared by the calibration-based baselines (Wanda, SparseGPT).
+"""Sequential, block-by-block activation capture shared by the calibration-based pruners (Wanda, SparseGPT, RIA, ...).
 
 The decoder blocks are found generically (the largest ``nn.ModuleList`` of the model, the same rule
 :func:`proxsparse_hf.targets.find_targets` uses). The inputs of block 0 are captured by hooking its forward with a "stop"
@@ -7,6 +7,9 @@ position ids, rotary position embeddings, ...) are kept per batch and passed thr
 turn: statistics of its target layers are collected from its inputs, the caller prunes the block, and the *pruned* block's
 outputs become the inputs of the next block. At most one block's activations for all samples live on the model's device;
 the next block's inputs are gathered on the CPU and moved over once the current ones are released.
+
+A calibration-based pruner is a :class:`SequentialPruner` subclass: it says which statistics to collect for a target
+(``make_stats``) and how to prune one target from them (``prune_target``); :meth:`SequentialPruner.run` drives it.
 """
 
 from __future__ import annotations
@@ -23,7 +26,14 @@ from ..data import TokenWindows
 from ..loading import input_device
 from ..targets import Target, decoder_block_prefixes
 
-__all__ = ["BlockInputs", "CalibrationBatches", "capture_block_inputs", "find_decoder_blocks", "run_sequential"]
+__all__ = [
+    "BlockInputs",
+    "CalibrationBatches",
+    "SequentialPruner",
+    "capture_block_inputs",
+    "find_decoder_blocks",
+    "run_sequential",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +51,8 @@ def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     prefixes = decoder_block_prefixes(model)
     if not prefixes:
         raise ValueError(
-            f"{type(model).__name__} has no nn.ModuleList of decoder blocks; sequential calibration (wanda, sparsegpt) "
-            f"needs one. Use method='magnitude' for this model."
+            f"{type(model).__name__} has no nn.ModuleList of decoder blocks; sequential calibration needs one. Use a "
+            f"method without calibration data (e.g. method='magnitude') for this model."
         )
     return prefixes[0], model.get_submodule(prefixes[0])
 
@@ -246,3 +256,62 @@ def _stats_hook(stats: Any) -> Callable[..., None]:
         stats.add(args[0].detach())
 
     return hook
+
+
+class SequentialPruner:
+    """Base of the calibration-based pruners that :func:`run_sequential` drives block by block.
+
+    A subclass defines two methods and is registered with
+    :func:`~proxsparse_hf.pruners.registry.register_pruner` (which calls :meth:`run`):
+
+    * ``make_stats(target)``: an empty statistics object for one target, with ``add(x)`` (fed every layer input
+      ``[..., in_features]``) and ``num_tokens``;
+    * ``prune_target(target, stats)``: prune ``target.weight`` in place from its statistics and return its bool mask
+      (storage layout, ``True`` = kept).
+
+    The method's options (defaults filled in by the registry) are in ``self.options``.
+    """
+
+    def __init__(self, **options: Any) -> None:
+        self.options = options
+
+    def make_stats(self, target: Target) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} must define make_stats(target).")
+
+    def prune_target(self, target: Target, stats: Any) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must define prune_target(target, stats).")
+
+    @classmethod
+    def run(
+        cls,
+        model: nn.Module,
+        targets: Mapping[str, Target],
+        calibration: CalibrationBatches,
+        *,
+        show_progress: bool = False,
+        **options: Any,
+    ) -> dict[str, torch.Tensor]:
+        """Prune ``targets`` block by block on ``calibration``; returns ``{weight_name: bool mask}`` (on the CPU)."""
+        pruner = cls(**options)
+        masks: dict[str, torch.Tensor] = {}
+
+        def prune_block(block_targets: dict[str, Target], stats: dict[str, Any]) -> None:
+            for name, target in block_targets.items():
+                if stats[name].num_tokens == 0:
+                    raise RuntimeError(
+                        f"Target `{name}` saw no calibration tokens; was it called in the block's forward?"
+                    )
+                masks[target.param_name] = pruner.prune_target(target, stats[name]).cpu()
+                stats[name] = None  # free large statistics (e.g. a Hessian) as soon as the target is done
+
+        with torch.no_grad():
+            run_sequential(
+                model,
+                targets,
+                calibration,
+                make_stats=pruner.make_stats,
+                prune_block=prune_block,
+                progress=show_progress,
+                desc=cls.__name__,
+            )
+        return masks

@@ -15,9 +15,12 @@ import logging
 import torch
 
 from ..constants import SUPPORTED_M, SUPPORTED_N
+from ..layout import input_last
 from ..targets import Target
+from .capture import SequentialPruner
+from .registry import PrunerOption, register_pruner
 
-__all__ = ["HessianStats", "sparsegpt_2to4"]
+__all__ = ["HessianStats", "SparseGPT", "sparsegpt_2to4"]
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +89,7 @@ def sparsegpt_2to4(
         raise ValueError(f"`damp_percent`={damp_percent!r} is invalid; allowed: a number > 0.")
     if not isinstance(block_size, int) or block_size < SUPPORTED_M or block_size % SUPPORTED_M:
         raise ValueError(f"`block_size`={block_size!r} is invalid; allowed: an integer >= 4 and divisible by 4.")
-    w = weight.detach().t() if transposed else weight.detach()
+    w = input_last(weight.detach(), transposed)
     rows, cols = w.shape
     if cols % SUPPORTED_M:
         raise ValueError(
@@ -127,41 +130,58 @@ def sparsegpt_2to4(
     keep = ~pruned
     W.masked_fill_(pruned, 0.0)
     updated = W.to(weight.dtype)
-    if transposed:
-        return updated.t().contiguous(), keep.t().contiguous()
-    return updated, keep
+    return input_last(updated, transposed).contiguous(), input_last(keep, transposed).contiguous()
 
 
-def make_hessian_stats(target: Target) -> HessianStats:
-    weight = target.weight
-    in_features = weight.shape[0] if target.transposed else weight.shape[1]
-    return HessianStats(in_features, device=weight.device)
+def _valid_block_size(size: int) -> bool:
+    return size >= SUPPORTED_M and size % SUPPORTED_M == 0
 
 
-@torch.no_grad()
-def sparsegpt_prune_block(
-    targets: dict[str, Target],
-    stats: dict[str, HessianStats],
-    masks: dict[str, torch.Tensor],
-    *,
-    update_weights: bool = True,
-    damp_percent: float = 0.01,
-    block_size: int = 128,
-) -> None:
-    """Prune one block's targets in place; masks are added to ``masks`` (on the CPU)."""
-    for name, target in targets.items():
-        if stats[name].num_tokens == 0:
-            raise RuntimeError(f"Target `{name}` saw no calibration tokens; was it called in the block's forward?")
+@register_pruner(
+    "sparsegpt",
+    label="SparseGPT",
+    description="One-shot SparseGPT pruning (Frantar & Alistarh, 2023): the 2:4 mask is chosen column by column from "
+    "the inverse Hessian of the layer inputs, block by block, and the surviving weights are updated to compensate "
+    "(update_weights=False keeps the original weights under the SparseGPT mask).",
+    needs_calibration=True,
+    updates_weights=True,
+    options={
+        "update_weights": PrunerOption(
+            True, help="Apply the OBS weight update; False keeps the original weights under the SparseGPT mask."
+        ),
+        "damp_percent": PrunerOption(
+            0.01,
+            help="Damping added to the Hessian diagonal, as a fraction of its mean.",
+            check=lambda v: 0 < v < 1,
+            allowed="a number in (0, 1)",
+        ),
+        "block_size": PrunerOption(
+            128,
+            help="Columns per lazy-update block.",
+            check=_valid_block_size,
+            allowed="an integer >= 4 and divisible by 4",
+        ),
+    },
+)
+class SparseGPT(SequentialPruner):
+    """SparseGPT as a sequential pruner: ``XᵀX`` per target, then :func:`sparsegpt_2to4` with the method's options."""
+
+    def make_stats(self, target: Target) -> HessianStats:
+        weight = target.weight
+        in_features = weight.shape[0] if target.transposed else weight.shape[1]
+        return HessianStats(in_features, device=weight.device)
+
+    def prune_target(self, target: Target, stats: HessianStats) -> torch.Tensor:
         updated, keep = sparsegpt_2to4(
             target.weight,
-            stats[name].hessian,
+            stats.hessian,
             transposed=target.transposed,
-            damp_percent=damp_percent,
-            block_size=block_size,
+            damp_percent=self.options["damp_percent"],
+            block_size=self.options["block_size"],
         )
-        stats[name].xtx = torch.empty(0)
-        if update_weights:
+        stats.xtx = torch.empty(0)
+        if self.options["update_weights"]:
             target.weight.copy_(updated)
         else:
             target.weight.masked_fill_(~keep, 0)
-        masks[target.param_name] = keep.cpu()
+        return keep

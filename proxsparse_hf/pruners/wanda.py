@@ -9,28 +9,13 @@ from __future__ import annotations
 
 import torch
 
+from ..activations import InputNormStats, make_input_norm_stats
 from ..masks import mask_2to4
 from ..targets import Target
+from .capture import SequentialPruner
+from .registry import register_pruner
 
-__all__ = ["WandaStats", "wanda_mask", "wanda_scores"]
-
-
-class WandaStats:
-    """Running sum of squares of every input feature of one layer (``‖X_j‖₂²`` over all tokens seen)."""
-
-    def __init__(self, in_features: int, device: torch.device | str = "cpu") -> None:
-        self.sum_sq = torch.zeros(in_features, dtype=torch.float64, device=device)
-        self.num_tokens = 0
-
-    def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()
-        self.sum_sq += (x * x).sum(dim=0).to(self.sum_sq.dtype)
-        self.num_tokens += x.shape[0]
-
-    @property
-    def input_norms(self) -> torch.Tensor:
-        """``‖X_j‖₂`` per input feature (float32)."""
-        return self.sum_sq.sqrt().float()
+__all__ = ["Wanda", "wanda_mask", "wanda_scores"]
 
 
 def wanda_scores(weight: torch.Tensor, input_norms: torch.Tensor, *, transposed: bool = False) -> torch.Tensor:
@@ -53,25 +38,23 @@ def wanda_scores(weight: torch.Tensor, input_norms: torch.Tensor, *, transposed:
 def wanda_mask(weight: torch.Tensor, input_norms: torch.Tensor, *, transposed: bool = False) -> torch.Tensor:
     """2:4 mask (storage layout, ``True`` = kept) of the top-2 Wanda scores per group of four input weights."""
     scores = wanda_scores(weight, input_norms, transposed=transposed)
-    if transposed:
-        return mask_2to4(scores.t().contiguous()).t().contiguous()
-    return mask_2to4(scores)
+    return mask_2to4(scores, transposed=transposed)
 
 
-def make_wanda_stats(target: Target) -> WandaStats:
-    weight = target.weight
-    in_features = weight.shape[0] if target.transposed else weight.shape[1]
-    return WandaStats(in_features, device=weight.device)
+@register_pruner(
+    "wanda",
+    label="Wanda",
+    description="One-shot Wanda pruning (Sun et al., 2023): every weight is scored by |w|·‖x‖₂ of its input feature "
+    "over the calibration data, and the two best of every group of four are kept, block by block.",
+    needs_calibration=True,
+)
+class Wanda(SequentialPruner):
+    """Wanda as a sequential pruner: input-feature norms per target, mask of the top-2 scores, no weight update."""
 
+    def make_stats(self, target: Target) -> InputNormStats:
+        return make_input_norm_stats(target)
 
-@torch.no_grad()
-def wanda_prune_block(
-    targets: dict[str, Target], stats: dict[str, WandaStats], masks: dict[str, torch.Tensor]
-) -> None:
-    """Prune one block's targets in place from their statistics; masks are added to ``masks`` (on the CPU)."""
-    for name, target in targets.items():
-        if stats[name].num_tokens == 0:
-            raise RuntimeError(f"Target `{name}` saw no calibration tokens; was it called in the block's forward?")
-        mask = wanda_mask(target.weight, stats[name].input_norms, transposed=target.transposed)
+    def prune_target(self, target: Target, stats: InputNormStats) -> torch.Tensor:
+        mask = wanda_mask(target.weight, stats.input_norms, transposed=target.transposed)
         target.weight.masked_fill_(~mask, 0)
-        masks[target.param_name] = mask.cpu()
+        return mask

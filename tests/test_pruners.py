@@ -1,6 +1,11 @@
-"""One-shot 2:4 baselines: magnitude, Wanda, SparseGPT (incl. mask-only), sequential activation capture, errors."""
+"""One-shot 2:4 pruners: magnitude, Wanda, SparseGPT (incl. mask-only), RIA, sequential activation capture, errors.
+
+The registry itself (registration, options, a toy pruner, the CLI's method list) is tested in test_pruner_registry.py.
+"""
 
 from __future__ import annotations
+
+import re
 
 import pytest
 import torch
@@ -11,9 +16,21 @@ from torch import nn
 from proxsparse_hf.config import ProxSparseConfig
 from proxsparse_hf.data import TokenWindows
 from proxsparse_hf.masks import extract_2to4_masks, is_2to4, mask_2to4
-from proxsparse_hf.pruners import BASELINE_METHODS, prune, sparsegpt_2to4, wanda_mask, wanda_scores
+from proxsparse_hf.pruners import (
+    get_pruner,
+    prune,
+    pruner_names,
+    ria_mask,
+    ria_scores,
+    sparsegpt_2to4,
+    wanda_mask,
+    wanda_scores,
+)
 from proxsparse_hf.pruners.capture import CalibrationBatches, _call_block, capture_block_inputs, find_decoder_blocks
 from proxsparse_hf.targets import find_targets
+
+# every registered method that prunes through prune() (dense prunes nothing, learned methods train)
+ONE_SHOT = tuple(n for n in pruner_names() if n != "dense" and not get_pruner(n).learned)
 
 
 class ToyBlock(nn.Module):
@@ -148,9 +165,97 @@ def test_sparsegpt_without_weight_update_keeps_original_weights_under_its_mask()
     assert not torch.allclose(updated_model.layers[0].proj.weight.detach()[kept], original[kept])
 
 
+# ------------------------------------------------------------------------------------------------------------- RIA
+def hand_ria_mask(weight: torch.Tensor, inputs: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
+    """RIA by the definition, with explicit loops over W [out, in]: (|W_ij|/Σ_k|W_kj| + |W_ij|/Σ_k|W_ik|)·‖X_j‖₂^alpha,
+    keep the 2 best of each group of 4 (lower index first on ties)."""
+    rows, cols = weight.shape
+    w = [[abs(float(weight[i, j])) for j in range(cols)] for i in range(rows)]
+    norms = [float(sum(float(x) ** 2 for x in inputs[:, j]) ** 0.5) for j in range(cols)]
+    column_sums = [sum(w[k][j] for k in range(rows)) for j in range(cols)]
+    row_sums = [sum(w[i][k] for k in range(cols)) for i in range(rows)]
+    mask = torch.zeros(rows, cols, dtype=torch.bool)
+    for i in range(rows):
+        for g in range(0, cols, 4):
+            scores = [
+                ((w[i][j] / column_sums[j] + w[i][j] / row_sums[i]) * norms[j] ** alpha, j) for j in range(g, g + 4)
+            ]
+            for _, j in sorted(scores, key=lambda s: (-s[0], s[1]))[:2]:
+                mask[i, j] = True
+    return mask
+
+
+def test_ria_scores_by_hand_differ_from_wanda():
+    # column sums 16, 4, 4, 2; row sums 10, 16; ‖X_j‖₂^0.5 = 1, 1, 2, 1
+    weight = torch.tensor([[4.0, -3.0, 2.0, 1.0], [-12.0, 1.0, 2.0, -1.0]])
+    norms = torch.tensor([1.0, 1.0, 4.0, 1.0])
+    expected_scores = torch.tensor(
+        [
+            [4 / 16 + 4 / 10, 3 / 4 + 3 / 10, (2 / 4 + 2 / 10) * 2, 1 / 2 + 1 / 10],
+            [12 / 16 + 12 / 16, 1 / 4 + 1 / 16, (2 / 4 + 2 / 16) * 2, 1 / 2 + 1 / 16],
+        ]
+    )
+    torch.testing.assert_close(ria_scores(weight, norms), expected_scores)
+    ria = torch.tensor([[False, True, True, False], [True, False, True, False]])
+    wanda = torch.tensor([[True, False, True, False], [True, False, True, False]])
+    assert torch.equal(ria_mask(weight, norms), ria)
+    assert torch.equal(wanda_mask(weight, norms), wanda)  # |w|·‖x‖: 4, 3, 8, 1 keeps columns 0 and 2 in row 0
+    # alpha = 0: relative importance only; alpha = 1: full norm
+    torch.testing.assert_close(ria_scores(weight, norms, alpha=0.0)[0, 2], torch.tensor(2 / 4 + 2 / 10))
+    torch.testing.assert_close(ria_scores(weight, norms, alpha=1.0)[0, 2], torch.tensor((2 / 4 + 2 / 10) * 4))
+    # Conv1D layout ([in, out]): same scores and mask, transposed
+    torch.testing.assert_close(ria_scores(weight.t(), norms, transposed=True), expected_scores.t())
+    assert torch.equal(ria_mask(weight.t().contiguous(), norms, transposed=True), ria.t())
+
+
+def test_ria_all_zero_rows_and_columns_give_zero_scores():
+    weight = torch.tensor([[0.0, 0.0, 0.0, 0.0], [1.0, 0.0, 2.0, 3.0]])
+    scores = ria_scores(weight, torch.ones(4))
+    assert bool(torch.isfinite(scores).all()) and bool((scores[0] == 0).all()) and float(scores[1, 1]) == 0.0
+
+
+def test_ria_prune_on_single_linear_layer_matches_hand_computation():
+    model = ToyLM(hidden=8, blocks=1, seed=1)
+    ids = random_windows(3, 5, vocab=16, seed=1)
+    weight = model.layers[0].proj.weight.detach().clone()
+    inputs = model.embed(ids).detach().reshape(-1, 8)
+    expected = hand_ria_mask(weight, inputs)
+    masks = prune(model, "ria", ids, batch_size=2)
+    assert torch.equal(masks["layers.0.proj.weight"], expected)
+    # mask only: surviving weights keep their values
+    torch.testing.assert_close(model.layers[0].proj.weight.detach(), weight * expected, rtol=0, atol=0)
+    assert not torch.equal(expected, hand_wanda_mask(weight, inputs))  # the test tells RIA from Wanda
+    alpha_one = ToyLM(hidden=8, blocks=1, seed=1)
+    masks = prune(alpha_one, "ria", ids, alpha=1.0)
+    assert torch.equal(masks["layers.0.proj.weight"], hand_ria_mask(weight, inputs, alpha=1.0))
+    assert not torch.equal(masks["layers.0.proj.weight"], expected)  # alpha reaches the scores
+
+
+def test_ria_on_gpt2_conv1d_uses_the_input_dimension():
+    model = tiny_model("gpt2", layers=1, hidden=32)
+    ids = random_windows(3, 8, vocab=128, seed=6)
+    targets = find_targets(model)
+    original = {t.param_name: t.weight.detach().clone() for t in targets.values()}
+    inputs: dict[str, list[torch.Tensor]] = {name: [] for name in targets}
+    handles = [
+        t.module.register_forward_pre_hook(lambda m, args, name=name: inputs[name].append(args[0].detach()))
+        for name, t in targets.items()
+    ]
+    with torch.no_grad():  # one block: Wanda/RIA statistics come from the dense forward of block 0
+        model(ids)
+    for handle in handles:
+        handle.remove()
+    masks = prune(model, "ria", ids)
+    for name, target in targets.items():
+        assert target.transposed
+        x = torch.cat(inputs[name]).reshape(-1, original[target.param_name].shape[0])
+        expected = hand_ria_mask(original[target.param_name].t(), x).t()
+        assert torch.equal(masks[target.param_name], expected), name
+
+
 # ------------------------------------------------------------------------------------------------ every family, 2:4
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("method", BASELINE_METHODS)
+@pytest.mark.parametrize("method", ONE_SHOT)
 def test_every_family_and_method_gives_exact_2to4(family, method):
     model = tiny_model(family, layers=2, hidden=32)
     ids = random_windows(4, 16, vocab=128, seed=0)
@@ -240,13 +345,22 @@ def test_real_model_wanda_two_blocks(real_model_and_tokenizer):
 
 # ---------------------------------------------------------------------------------------------------------- errors
 def test_unknown_method():
-    with pytest.raises(ValueError, match=r"`method`='obs' is invalid; allowed: \('magnitude', 'wanda', 'sparsegpt'\)"):
+    assert {"magnitude", "wanda", "sparsegpt", "ria"} <= set(ONE_SHOT)
+    with pytest.raises(ValueError, match=rf"`method`='obs' is invalid; allowed: {re.escape(str(pruner_names()))}"):
         prune(tiny_model("llama", hidden=32), "obs", random_windows(2, 8))
 
 
 def test_unknown_option():
-    with pytest.raises(ValueError, match=r"Unknown option\(s\) \['update_weights'\] for method 'wanda'"):
+    with pytest.raises(
+        ValueError,
+        match=r"Unknown option\(s\) \['update_weights'\] for method 'wanda'; allowed: \['batch_size', 'show_progress'\]",
+    ):
         prune(tiny_model("llama", hidden=32), "wanda", random_windows(2, 8), update_weights=False)
+    with pytest.raises(
+        ValueError,
+        match=r"Unknown option\(s\) \['beta'\] for method 'ria'; allowed: \['alpha', 'batch_size', 'show_progress'\]",
+    ):
+        prune(tiny_model("llama", hidden=32), "ria", random_windows(2, 8), beta=1.0)
 
 
 @pytest.mark.parametrize(
@@ -255,12 +369,19 @@ def test_unknown_option():
         ({"damp_percent": 0}, r"`damp_percent`=0 is invalid"),
         ({"block_size": 6}, r"`block_size`=6 is invalid"),
         ({"update_weights": "no"}, r"`update_weights`='no' is invalid"),
-        ({"batch_size": 0}, r"`batch_size`=0 is invalid"),
+        ({"batch_size": 0}, r"`batch_size`=0 is invalid; allowed: an integer >= 1"),
+        ({"block_size": 8.0}, r"`block_size`=8.0 is invalid; allowed: an integer >= 4 and divisible by 4"),
     ],
 )
 def test_bad_sparsegpt_options(opts, match):
     with pytest.raises(ValueError, match=match):
         prune(tiny_model("llama", hidden=32), "sparsegpt", random_windows(2, 8), **opts)
+
+
+@pytest.mark.parametrize("alpha", [-0.5, float("nan"), "0.5", True])
+def test_bad_ria_alpha(alpha):
+    with pytest.raises(ValueError, match=r"`alpha`=.* is invalid; allowed: a number >= 0"):
+        prune(tiny_model("llama", hidden=32), "ria", random_windows(2, 8), alpha=alpha)
 
 
 @pytest.mark.parametrize(
