@@ -40,10 +40,22 @@ def assert_state_equal(a: torch.nn.Module, b: torch.nn.Module, dtype: torch.dtyp
         assert torch.equal(_bits(ref.contiguous()), _bits(sb[name].contiguous())), name
 
 
+def random_2to4_masks(family: str, config: ProxSparseConfig) -> dict[str, torch.Tensor]:
+    """Valid 2:4 masks (storage layout, Conv1D included) that are unrelated to the weights: the top-2 of random scores."""
+    scores = tiny_model(family)
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for param in scores.parameters():
+            param.copy_(torch.rand(param.shape, generator=generator))
+    return extract_2to4_masks(scores, config)
+
+
 def make_output(tmp_path, family: str, name: str = "out", method: str = "magnitude", **run_info):
     model = tiny_model(family)
     config = ProxSparseConfig(base_model_name_or_path=f"tiny-org/{family}", revision="rev-0")
-    masks = extract_2to4_masks(model, config)
+    masks = random_2to4_masks(family, config)  # not the top-2 |W|: a loader that recomputed magnitude masks would fail
+    magnitude = extract_2to4_masks(model, config)
+    assert sum(int((masks[n] != magnitude[n]).any()) for n in masks) == len(masks)
     apply_2to4_masks(model, masks)
     out = save_pruned_output(
         tmp_path / name, model, None, config=config, masks=masks, method=method, run_info=run_info

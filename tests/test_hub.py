@@ -137,7 +137,10 @@ def test_second_push_is_a_new_commit(tmp_path, llama_output):
     assert "mask-only" in [b.name for b in api.list_repo_refs(repo).branches] and branch
     assert len(api.list_repo_commits(repo)) == n_commits + 1  # main untouched
     pr = push_pruned_to_hub(out.path, repo, artefact="mask", create_pr=True)
-    assert pr and len(api.list_repo_commits(repo)) == n_commits + 1  # a pull request, not a commit on main
+    assert len(api.list_repo_commits(repo)) == n_commits + 1  # a pull request, not a commit on main
+    pulls = api.list_repo_refs(repo, include_pull_requests=True).pull_requests
+    assert len(pulls) == 1 and pulls[0].ref.startswith("refs/pr/")
+    assert pr not in (first, second, branch) and pulls[0].target_commit in pr  # the URL of the PR's own commit
     with pytest.raises(ValueError, match="Cannot create or access 'bob/"):
         push_pruned_to_hub(out.path, "bob/not-alices", artefact="mask")
 

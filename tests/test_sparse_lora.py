@@ -132,6 +132,7 @@ def test_inferred_mask_completes_groups_with_fewer_than_two_nonzeros():
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_trainer_then_merge_keeps_exact_mask(family, tmp_path):
     model, masks = pruned(family)
+    pruned_weights = {name: model.get_parameter(name).detach().clone() for name in masks}
     ids = random_windows(2, 16, VOCAB, seed=3)
     before = logits(model, ids)
     ps_config = ProxSparseConfig(lambda1=0.3)
@@ -157,7 +158,8 @@ def test_trainer_then_merge_keeps_exact_mask(family, tmp_path):
         weight = module.weight.detach()
         assert is_2to4(grouped(module, weight)), name
         assert torch.equal(weight != 0, mask), name  # exactly the same mask
-        changed += int((weight != model.state_dict().get(name, weight)).any())
+        changed += int((weight != pruned_weights[name]).any())
+    assert changed == len(masks)  # every target received its (masked) LoRA delta
     torch.testing.assert_close(logits(merged, ids), trained, atol=1e-5, rtol=1e-4)
     assert "proxsparse_mask" not in dict(merged.named_buffers())
 
