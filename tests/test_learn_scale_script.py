@@ -145,8 +145,9 @@ def _tiny_assets(tmp_path: Path) -> tuple[Path, Path]:
 
 def test_smollm2_path_learns_each_setting_and_scores_every_mask(tmp_path, monkeypatch):
     module = _load()
-    monkeypatch.delenv("PROXSPARSE_DATA_DIR", raising=False)
     model_dir, data = _tiny_assets(tmp_path)
+    # main() points $PROXSPARSE_DATA_DIR at --data-dir; setting it here first makes monkeypatch restore it afterwards
+    monkeypatch.setenv("PROXSPARSE_DATA_DIR", str(data))
     out = tmp_path / "scale.json"
     out.write_text(json.dumps({"mfu": 0.4, "commands": {"7b": "earlier 7b command"}}))  # a 7b part already there
     argv = ["--part", "smollm2", "--device", "cpu", "--smollm2-model", str(model_dir), "--data-dir", str(data)]
