@@ -169,7 +169,7 @@ def test_sections_without_data_are_omitted(output):
     assert meta["tags"] == ["sparsity", "2:4", "semi-structured", "proxsparse", "magnitude", "dense"]
     for absent in ("## Evaluation", "## Reproduce", "λ1", "optimizer steps", "wall time", "![", "None"):
         assert absent not in card.content, absent
-    assert "`/local/base`" in card.content and "## How to load" in card.content
+    assert "`base`" in card.content and "/local" not in card.content and "## How to load" in card.content
     explicit = build_model_card(bare, artefact="dense", base_model="org/real-base", base_model_relation=None)
     meta = check_model_card(explicit)
     assert meta["base_model"] == "org/real-base" and "base_model_relation" not in meta

@@ -16,6 +16,7 @@ from proxsparse_hf.artefacts import load_output_dir
 from proxsparse_hf.cli import main
 from proxsparse_hf.constants import CONFIG_NAME, MASKS_NAME, REPORT_NAME, RUN_INFO_NAME, TRAINING_LOG_NAME
 from proxsparse_hf.learning.distill import distillation_loss
+from proxsparse_hf.paths import fingerprint_local_model
 
 
 @pytest.fixture
@@ -74,11 +75,17 @@ def test_learn_writes_the_output_folder(tiny_setup, capsys):
         assert (out / name).is_file(), name
     result = load_output_dir(out)
     assert result.method == "proxsparse" and result.report.all_2to4
-    assert result.config.lambda1 == 2.0 and result.config.base_model_name_or_path == str(tmp / "model")
+    # the local base model is recorded by name + SHA-256, every local path by its name: nothing written names a path
+    assert result.config.lambda1 == 2.0 and result.config.base_model_name_or_path == "model"
+    assert result.run_info["base_model"] == "model" and result.run_info[
+        "base_model_sha256"
+    ] == fingerprint_local_model(str(tmp / "model"))
+    for path in out.rglob("*"):
+        assert str(tmp) not in path.read_bytes().decode("latin-1"), path.name
     assert result.run_info["calibration"]["tokens"] == 8 * 32
-    argv = [str(tmp / "model"), "--dataset", str(tmp / "calib.jsonl"), "--seq-len", "32", "--n-samples", "8"]
+    argv = ["model", "--dataset", "calib.jsonl", "--seq-len", "32", "--n-samples", "8"]
     assert result.run_info["command"].startswith(shlex.join(["proxsparse", "learn", *argv, "--lr", "5e-3"]))
-    assert result.run_info["command"].endswith(shlex.join(["--output-dir", str(out)]))
+    assert result.run_info["command"].endswith(shlex.join(["--output-dir", "out"]))
     assert result.run_info["calibration"]["bos"] is False and result.run_info["calibration"]["seed"] == 0
     log = json.loads((out / TRAINING_LOG_NAME).read_text())
     assert any("proxsparse/frac_2to4" in entry for entry in log)
@@ -191,7 +198,8 @@ def test_learn_on_the_c4_sample_uses_calibration_documents_and_records_bos(tiny_
     assert main(argv) == 0
     calibration = load_output_dir(tmp / "out").run_info["calibration"]
     assert calibration["documents"] == [0, 1000]  # no --doc-stop: the C4 sample's calibration documents
-    assert calibration["source"] == os.path.abspath(C4_VALIDATION) and calibration["dataset"] == C4_VALIDATION
+    # recorded by its path inside the shared data folder, never as a local path
+    assert calibration["source"] == calibration["dataset"] == "c4-validation-2k/c4_validation_2k.jsonl"
     assert calibration["bos"] is (not no_bos) and calibration["streaming"] is False
 
 

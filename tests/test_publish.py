@@ -93,8 +93,14 @@ def test_no_local_path_in_any_pushed_file(workspace, tmp_path, artefact):
     legacy["method_config"]["output_dir"] = os.path.abspath(out)
     legacy["settings"] = {"datasets": [workspace["corpus"]], "cache": os.path.expanduser("~/.cache/x")}
     json.dump(legacy, open(os.path.join(out, EVAL_RESULTS_NAME), "w"))
+    # an output folder of an older version, which recorded the base model and the data by their local paths
     info = json.load(open(os.path.join(out, RUN_INFO_NAME)))
-    assert workspace["base"] in json.dumps(info) or os.path.isabs(load_output_dir(out).config.base_model_name_or_path)
+    info.update(base_model=workspace["base"], command=f"proxsparse prune {workspace['base']} -o {out}")
+    json.dump(info, open(os.path.join(out, RUN_INFO_NAME), "w"))
+    recipe = json.load(open(os.path.join(out, CONFIG_NAME)))
+    recipe["base_model_name_or_path"] = workspace["base"]
+    json.dump(recipe, open(os.path.join(out, CONFIG_NAME), "w"))
+    assert load_output_dir(out).config.base_model_name_or_path == workspace["base"]
     repo = _repo(f"paths-{artefact}")
     assert _cli(["push", out, repo, "--artefact", artefact, "--comparison", workspace["comparison"]]) == 0
     folder = snapshot_download(repo)

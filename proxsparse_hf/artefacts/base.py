@@ -42,6 +42,7 @@ from ..constants import (
 )
 from ..loading import model_revision, resolve_dtype
 from ..masks import extract_2to4_masks, is_2to4, load_masks, save_masks
+from ..paths import fingerprint_local_model, is_local_path, local_name, scrub_local_paths
 from ..report import SparsityReport, sparsity_report
 from ..targets import Target, find_targets
 from ..utils import atomic_write_json, describe_hardware, library_versions, read_json, regular_files, staging_dir
@@ -301,16 +302,21 @@ def save_pruned_output(
         raise FileExistsError(
             f"`output_dir`={output_dir!r} exists and is not empty; pass overwrite=True to replace it."
         )
-    info = RunInfo.from_dict(
-        {
-            "method": method,
-            "base_model": config.base_model_name_or_path,
-            "revision": config.revision,
-            "versions": library_versions(),
-            "hardware": describe_hardware(),
-            **dict(run_info or {}),
-        }
-    )
+    base, sha256 = config.base_model_name_or_path, None
+    if is_local_path(base):  # nothing written names a local path: the base name + SHA-256 identify a local base
+        sha256 = fingerprint_local_model(base)
+        config = replace(config, base_model_name_or_path=local_name(base), revision=None)
+    facts = {
+        "method": method,
+        "base_model": config.base_model_name_or_path,
+        "revision": config.revision,
+        "versions": library_versions(),
+        "hardware": describe_hardware(),
+        **scrub_local_paths(dict(run_info or {})),
+    }
+    if sha256 is not None:
+        facts.update(base_model=config.base_model_name_or_path, base_model_sha256=sha256)
+    info = RunInfo.from_dict(facts)
     output = PrunedModel(
         config=config, report=sparsity_report(model, config), run_info=info, model=model, tokenizer=tokenizer
     )

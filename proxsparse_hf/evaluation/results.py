@@ -15,11 +15,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from typing import Any
+
+from ..paths import portable_name, scrub_local_paths
 
 __all__ = [
     "COMPARISON_NAME",
@@ -44,46 +45,6 @@ PPL_OPTIONAL_KEYS = ("source", "split", "documents", "bos")
 ZEROSHOT_KEYS = ("acc",)
 ZEROSHOT_OPTIONAL_KEYS = ("acc_norm", "acc_stderr", "acc_norm_stderr", "num_samples", "source", "lm_eval_task")
 _ZEROSHOT_NUMERIC = ("acc", "acc_norm", "acc_stderr", "acc_norm_stderr", "num_samples")
-_WINDOWS_ABS = re.compile(r"^[A-Za-z]:[\\/]")
-
-
-# ------------------------------------------------------------------------------------------------------ local paths
-def _is_local_abs(value: str) -> bool:
-    return value.startswith(("/", "~", "\\\\")) or bool(_WINDOWS_ABS.match(value))
-
-
-def _portable_path(value: str) -> str:
-    """An absolute local path → its path inside the shared data folder, else its base name."""
-    from ..data import find_assets_dir
-
-    path = os.path.normpath(os.path.expanduser(value))
-    assets = find_assets_dir()
-    if assets is not None:
-        inside = os.path.relpath(path, assets) if os.path.isabs(path) else os.pardir
-        if not inside.startswith(os.pardir):
-            return inside.replace(os.sep, "/")
-    return os.path.basename(path.rstrip("/\\")) or value
-
-
-def portable_name(name_or_path: str) -> str:
-    """How a model or dataset is recorded in results: a Hub id as is; a local file or folder (absolute, or relative and
-    existing) by its base name, or by its path inside the shared data folder."""
-    if not isinstance(name_or_path, str) or not name_or_path:
-        return name_or_path
-    if _is_local_abs(name_or_path) or os.path.exists(name_or_path):
-        return _portable_path(os.path.abspath(os.path.expanduser(name_or_path)))
-    return name_or_path
-
-
-def scrub_local_paths(value: Any) -> Any:
-    """``value`` with every absolute local path (in strings, dict keys and values, lists) replaced by its portable name."""
-    if isinstance(value, str):
-        return _portable_path(value) if _is_local_abs(value) else value
-    if isinstance(value, Mapping):
-        return {scrub_local_paths(k): scrub_local_paths(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [scrub_local_paths(v) for v in value]
-    return value
 
 
 def _scrub_keys(name: str, entries: Any) -> Any:
