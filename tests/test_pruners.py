@@ -285,6 +285,15 @@ def test_magnitude_equals_top2_magnitude_masks():
     assert all(torch.equal(masks[k], expected[k]) for k in masks)
 
 
+@pytest.mark.parametrize("method", ["magnitude", "wanda"])
+def test_show_progress_draws_a_bar_only_when_asked(method, capsys):
+    calibration = None if method == "magnitude" else random_windows(2, 16, vocab=128, seed=0)
+    for show in (False, True):
+        prune(tiny_model("llama", hidden=32), method, calibration, show_progress=show)
+        err = capsys.readouterr().err
+        assert ("100%" in err) is show, err
+
+
 def test_calibration_data_forms_are_equivalent():
     ids = random_windows(4, 16, vocab=128, seed=3)
     results = []

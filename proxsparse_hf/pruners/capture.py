@@ -242,12 +242,13 @@ def run_sequential(
                     handle.remove()
             prune_block(block_targets, stats)
             del stats
-        if k == last:
-            break
-        outputs = [_call_block(block, inputs, i, hidden).detach().to("cpu") for i, hidden in enumerate(inputs.hidden)]
-        inputs.hidden.clear()
-        inputs.hidden.extend(out.to(device) for out in outputs)
-        del outputs
+        if k < last:  # the next block's inputs (none needed after the last block with targets)
+            outputs = [
+                _call_block(block, inputs, i, hidden).detach().to("cpu") for i, hidden in enumerate(inputs.hidden)
+            ]
+            inputs.hidden.clear()
+            inputs.hidden.extend(out.to(device) for out in outputs)
+            del outputs
         logger.debug("Block %d done", k)
 
 
