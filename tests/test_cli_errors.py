@@ -191,14 +191,22 @@ def test_a_truncated_gguf_is_one_line_naming_the_file(command, truncated_gguf, w
     assert loads == [] and not (tmp_path / "out").exists()
 
 
-def test_eval_of_a_truncated_gguf_is_one_line_naming_the_file(truncated_gguf, tmp_path, capsys):
+def test_eval_of_a_truncated_gguf_is_one_line_naming_the_file(truncated_gguf, tmp_path, loads, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["eval", truncated_gguf, "-o", str(tmp_path / "out")])
     assert exc.value.code == 2
     _assert_one_line_error(
         capsys, "eval", r"Cannot read GGUF file '.*tiny\.gguf' \(the file is truncated or corrupt\)"
     )
-    assert not (tmp_path / "out").exists()
+    assert loads == [] and not (tmp_path / "out").exists()  # refused from the metadata, before any weight is read
+
+
+def test_eval_refuses_windows_longer_than_the_model_before_loading(ws, tmp_path, loads, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["eval", str(ws / "model"), "--eval-seq-len", "100000", "-o", str(tmp_path / "out")])
+    assert exc.value.code == 2
+    _assert_one_line_error(capsys, "eval", r"`--eval-seq-len`=100000 exceeds the model's max_position_embeddings=")
+    assert loads == [] and not (tmp_path / "out").exists()
 
 
 def test_an_unwritable_output_folder_is_refused_before_loading(ws, tmp_path, loads, capsys, monkeypatch):

@@ -172,13 +172,14 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from ..evaluation import evaluate_pretrained
-    from .common import check_model_source, check_writable
+    from .common import check_seq_len, check_writable, inspect_model
 
     options = eval_kwargs(args)
     output = args.output_dir if args.output_dir is not None else default_output(args.model, args.gguf_file)
     target = resolve_output(output)
     check_writable(os.path.dirname(os.path.abspath(target)), "--output", target=output)
-    check_model_source(args.model, args.gguf_file)
+    # the model's config (GGUF metadata, config.json) before any weights: a missing or corrupt model is refused now
+    check_seq_len(inspect_model(args), args.eval_seq_len, "--eval-seq-len")
     if args.bos:  # --bos yes needs a BOS token: ask the tokenizer (small) before the model is loaded
         from .. import loading
         from ..data import bos_token_id
