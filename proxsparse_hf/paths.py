@@ -30,6 +30,7 @@ _REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 _WINDOWS_ABS = re.compile(r"^[A-Za-z]:[\\/]")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 _MODEL_FILES = ("config.json",)
+_SHARED_DATA_MARKER = "/shared/assets/data/"
 _PATH_IN_TEXT = re.compile(r"(?<![\w.\-:/~])[~/][^\s'\"=,;:()\[\]{}]*")  # absolute or ~ paths inside a text
 
 
@@ -69,6 +70,10 @@ def local_name(path: str) -> str:
         inside = os.path.relpath(full, assets)
         if not inside.startswith(os.pardir):
             return inside.replace(os.sep, "/")
+    # A path recorded on another machine inside its shared data folder keeps the same name here.
+    marker = full.replace(os.sep, "/").rpartition(_SHARED_DATA_MARKER)
+    if marker[1] and marker[2]:
+        return marker[2]
     return os.path.basename(full.rstrip("/\\")) or path
 
 

@@ -410,6 +410,12 @@ def test_portable_name_keeps_hub_ids_and_names_local_files(tmp_path, monkeypatch
     assert portable_name("my-model") == "my-model" and portable_name("./my-model/") == "my-model"
     assert portable_name(str(tmp_path / "my-model")) == "my-model"
     assert portable_name("/elsewhere/SmolLM2.Q4_1.gguf") == "SmolLM2.Q4_1.gguf"
+    # inside a shared data folder, here or on the machine that wrote the file: the path inside it
+    monkeypatch.setenv("PROXSPARSE_DATA_DIR", str(tmp_path))
+    (tmp_path / "zeroshot").mkdir()
+    (tmp_path / "zeroshot" / "piqa.jsonl").write_text("{}\n")
+    assert portable_name(str(tmp_path / "zeroshot" / "piqa.jsonl")) == "zeroshot/piqa.jsonl"
+    assert portable_name("/other/box/shared/assets/data/c4/part.jsonl") == "c4/part.jsonl"
 
 
 def test_schema_1_files_load_with_a_derived_label():
