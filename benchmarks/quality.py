@@ -14,7 +14,9 @@ as a mask adapter (``proxsparse_hf.artefacts.save_mask_adapter``, 4 bits per gro
 masks can be evaluated elsewhere (e.g. zero-shot with ``quality_zeroshot.py`` on a machine with lm-eval).
 
 Experiment runs: ``{"name", "method" (a registered pruner), "description", "options" (the pruner's options),
-"config" (``ProxSparseConfig`` fields), "training" (``learn_mask`` arguments, learned methods), "logging_steps"}``.
+"config" (``ProxSparseConfig`` fields), "training" (``learn_mask`` arguments, learned methods), "logging_steps",
+"permute" (``permute_channels`` arguments, e.g. ``{}`` or ``{"importance": "activation"}``: permute the input channels of
+o_proj / down_proj before the method; absent = no permutation)}``. The evaluation block may cap ``max_windows``.
 """
 
 from __future__ import annotations
@@ -120,6 +122,7 @@ def method_run(
         options=options,
         config=ProxSparseConfig(**config),
         description=run.get("description", ""),
+        permute=run.get("permute"),
     )
 
 
@@ -135,8 +138,25 @@ def eval_options(exp: dict[str, Any], max_windows: int | None = None) -> dict[st
     }
 
 
+def permutation_notes(rows) -> str:
+    """Markdown lines on the channel permutation of every row that had one (what it maximised, how much less
+    importance the 2:4 rule removes afterwards, its time)."""
+    lines = []
+    for row in rows:
+        info = row.method_config.get("permutation")
+        if info:
+            lines.append(
+                f"* `{row.label}`: {len(info['layers'])} layers permuted ({info['importance']}, {info['refine']}), "
+                f"pruned importance {100 * info['pruned_importance_change']:+.2f}%, {info['seconds']:.0f} s"
+            )
+    return "\nChannel permutation (o_proj, down_proj):\n\n" + "\n".join(lines) + "\n" if lines else ""
+
+
 def mask_only(run: MethodRun) -> bool:
-    """A mask alone reproduces the run: its method keeps the surviving weights (or was told to)."""
+    """A mask alone reproduces the run: its method keeps the surviving weights (or was told to) and no channel
+    permutation changed them."""
+    if run.permute is not None:
+        return False
     return get_pruner(run.method).updates_weights is False or run.options.get("update_weights") is False
 
 
@@ -190,10 +210,15 @@ def main(argv: list[str] | None = None) -> int:
             "method": result.method,
             "perplexity": {d: result.ppl(d) for d in result.perplexity},
         }
+        permutation = result.method_config.get("permutation")
+        if permutation:
+            line["pruned_importance_change"] = permutation.get("pruned_importance_change")
         print(json.dumps({**line, "prune_time_s": result.method_config.get("prune_time_s")}), flush=True)
         rows = [*kept, *done]
         save_comparison(args.output, rows, model=model_path, experiment=exp, smoke_test=smoke)
-        atomic_write_text(os.path.splitext(args.output)[0] + ".md", comparison_markdown(rows))
+        atomic_write_text(
+            os.path.splitext(args.output)[0] + ".md", comparison_markdown(rows) + permutation_notes(rows)
+        )
 
     run_comparison(
         model,

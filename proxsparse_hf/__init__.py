@@ -43,6 +43,7 @@ _LAZY: dict[str, str] = {
     "SparseLoraConfig": "sparse_lora",
     "SparseLoraLinear": "sparse_lora",
     "prune": "pruners",
+    "permute_channels": "permutation",
     "EvalResults": "evaluation",
     "evaluate_model": "evaluation",
     "perplexity": "evaluation",
@@ -115,6 +116,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .learning.rescale import rescale_function_preserving  # noqa: F401
     from .learning.trainer import learn_mask  # noqa: F401
     from .masks import apply_2to4_masks, extract_2to4_masks, is_2to4, load_masks, mask_2to4, save_masks  # noqa: F401
+    from .permutation import permute_channels  # noqa: F401
     from .pruners import prune  # noqa: F401
     from .report import SparsityReport, sparsity_report  # noqa: F401
     from .sparse_lora import (  # noqa: F401

@@ -203,6 +203,8 @@ def test_quality_run_options_come_from_the_experiment_and_the_registry():
     full = quality.method_run(exp, {"name": "s", "method": "sparsegpt"})
     wanda = quality.method_run(exp, {"name": "w", "method": "wanda", "description": "d"})
     assert [quality.mask_only(r) for r in (mask, full, wanda)] == [True, False, True]
+    permuted = quality.method_run(exp, {"name": "w+p", "method": "wanda", "permute": {"importance": "ria"}})
+    assert permuted.permute == {"importance": "ria"} and wanda.permute is None and not quality.mask_only(permuted)
     assert wanda.description == "d" and dict(full.options) == {}
     with pytest.raises(ValueError, match=r"`method`='obs' is invalid"):
         quality.method_run(exp, {"name": "o", "method": "obs"})

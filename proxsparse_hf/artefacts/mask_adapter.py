@@ -62,6 +62,12 @@ class MaskAdapterFormat(ArtefactFormat):
                 "The kept weights of this model were updated (run_info says update_weights=True), so a mask applied "
                 "to the base model would not reproduce it; share the dense or compact artefact instead."
             )
+        if source.run_info.permuted_layers:
+            raise ValueError(
+                f"The input channels of {len(source.run_info.permuted_layers)} layers were permuted before pruning "
+                "(run_info says `permutation`), so a mask applied to the base model would not reproduce this model; "
+                "share the dense or compact artefact instead."
+            )
         if not source.config.base_model_name_or_path:
             raise ValueError(
                 "`base_model_name_or_path` is unknown: a mask adapter must name the model it applies to. Pass "

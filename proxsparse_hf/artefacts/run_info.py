@@ -47,7 +47,7 @@ TRAINING_KEYS = (
 """Keys of ``training`` that ``learn`` writes (``TrainingArguments`` fields + steps and tokens actually done)."""
 
 _STRINGS = ("method", "base_model", "revision", "base_model_sha256", "command")
-_MAPPINGS = ("calibration", "training", "method_config", "peak_gpu_memory_gib", "versions", "hardware")
+_MAPPINGS = ("calibration", "training", "method_config", "permutation", "peak_gpu_memory_gib", "versions", "hardware")
 _SECONDS = ("wall_time_s", "prune_time_s", "prox_seconds")
 
 
@@ -64,6 +64,9 @@ class RunInfo(Mapping):
             ``n_samples``, ``seq_len``, ``tokens``, ``seed`` (see :data:`CALIBRATION_KEYS`).
         training: training arguments and totals (see :data:`TRAINING_KEYS`); None for one-shot methods.
         method_config: the pruner's options (e.g. ``{"update_weights": False}``).
+        permutation: the channel permutation folded into the weights before the mask was found
+            (:meth:`proxsparse_hf.permutation.PermutationReport.summary`: importance, refinement, ``layers`` = permuted
+            consumer → producers, importance change); None when there was none.
         update_weights: whether the kept weights were changed (older files record it here, newer in
             ``method_config``).
         wall_time_s: wall time of the whole run, seconds.
@@ -83,6 +86,7 @@ class RunInfo(Mapping):
     calibration: dict[str, Any] | None = None
     training: dict[str, Any] | None = None
     method_config: dict[str, Any] | None = None
+    permutation: dict[str, Any] | None = None
     update_weights: bool | None = None
     wall_time_s: float | None = None
     prune_time_s: float | None = None
@@ -163,6 +167,13 @@ class RunInfo(Mapping):
         if self.update_weights is True:
             return True
         return any(isinstance(v, Mapping) and v.get("update_weights") is True for v in self.to_dict().values())
+
+    @property
+    def permuted_layers(self) -> list[str]:
+        """The layers whose input channels were permuted (and their producers' rows): then the weights are no longer
+        the base model's, and a mask alone does not reproduce the model."""
+        layers = (self.permutation or {}).get("layers") or {}
+        return list(layers)
 
     @property
     def calibration_source(self) -> str | None:

@@ -181,6 +181,46 @@ def add_calibration_args(
     return group
 
 
+def add_permutation_args(parser: argparse.ArgumentParser) -> None:
+    """``--permute`` and ``--permute-importance`` of ``prune`` and ``learn``."""
+    from ..permutation import PERMUTATION_IMPORTANCES
+
+    group = parser.add_argument_group("channel permutation")
+    group.add_argument(
+        "--permute",
+        action="store_true",
+        help="Before the mask is found, permute the input channels of every o_proj and down_proj target so that more "
+        "importance falls inside the 2:4 groups, folded into v_proj / gate_proj + up_proj: the dense model computes "
+        "the same, the output is still a plain checkpoint (not shareable as a mask-only adapter). Llama, Mistral, "
+        "Qwen2.",
+    )
+    group.add_argument(
+        "--permute-importance",
+        default=None,
+        choices=["auto", *PERMUTATION_IMPORTANCES],
+        help="What the permutation maximises: auto (default) = the score the method itself uses (|W| without "
+        "calibration data, |W|·‖X‖ with it, the RIA score for ria, the config's importance for learn), or one of "
+        f"{', '.join(PERMUTATION_IMPORTANCES)}.",
+    )
+
+
+def permutation_importance(args: argparse.Namespace, method: str, config: Any) -> str | None:
+    """The importance ``--permute`` maximises for ``method`` (None without ``--permute``); the architecture is
+    checked separately (:func:`proxsparse_hf.permutation.check_permutable` on the model's config).
+
+    Raises:
+        ValueError: ``--permute-importance`` without ``--permute``.
+    """
+    from ..permutation import permutation_importance_for
+
+    choice = getattr(args, "permute_importance", None)
+    if not getattr(args, "permute", False):
+        if choice is not None:
+            raise ValueError(f"`--permute-importance`={choice!r} needs `--permute`.")
+        return None
+    return permutation_importance_for(method, config) if choice in (None, "auto") else choice
+
+
 # ------------------------------------------------------------------------------------------------------- parsing
 def parse_target_modules(values: str | list[str] | None, flag: str = "--target-modules") -> str | list[str] | None:
     """``--target-modules`` values → what ``ProxSparseConfig`` takes: ``"all-linear"``, a list of name suffixes (values

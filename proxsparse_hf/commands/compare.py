@@ -1,4 +1,5 @@
-"""``proxsparse compare MODEL --methods dense,magnitude,wanda,sparsegpt[,sparsegpt-mask] [--learned DIR ...] -o OUT``.
+"""``proxsparse compare MODEL --methods dense,magnitude,wanda,sparsegpt[,sparsegpt-mask][,wanda+perm] [--learned DIR ...]
+-o OUT``.
 
 Loads MODEL once and runs :func:`proxsparse_hf.evaluation.compare.run_comparison`: every method starts from the original
 weights and is evaluated with the same protocol; every ``--learned`` output folder is evaluated the same way. Writes
@@ -65,7 +66,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--methods",
         default=DEFAULT_METHODS,
         help="Comma-separated registered one-shot methods; '<method>-mask' runs a weight-updating method's mask on the "
-        f"original weights (e.g. sparsegpt-mask). Default: {DEFAULT_METHODS}.",
+        "original weights (e.g. sparsegpt-mask); a '+perm' suffix permutes the input channels of o_proj and down_proj "
+        "first, maximising the method's own score (e.g. wanda+perm; Llama, Mistral, Qwen2). "
+        f"Default: {DEFAULT_METHODS}.",
     )
     parser.add_argument("--learned", nargs="*", default=[], help="Output folder(s) of `proxsparse learn` to include.")
     add_output_args(
@@ -116,12 +119,21 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"`--output`={args.output_dir!r} is a file; allowed: a folder.")
     check_writable(args.output_dir, "--output")
     runs = [
-        MethodRun(run.method, label=run.name, options={**pruner_flags(args, run.method), **run.options})
+        MethodRun(
+            run.method,
+            label=run.name,
+            options={**pruner_flags(args, run.method), **run.options},
+            permute=run.permute,
+        )
         for run in runs
     ]
     config = prune_config(args)
     documents = resolve_calibration(args) if needs_calibration(runs) else None
     model_config = inspect_model(args, config)
+    if any(run.permute is not None for run in runs):
+        from ..permutation import check_permutable
+
+        check_permutable(model_config)
     source = {"gguf_file": args.gguf_file, "revision": args.revision}
     tokenizer = loading.load_tokenizer(args.model, **source)
     bos_token_id(tokenizer, args.bos)  # --bos yes needs a BOS token

@@ -38,7 +38,14 @@ def register(subparsers) -> argparse.ArgumentParser:
     from proxsparse_hf.config import LAMBDA_SCALINGS, LAMBDA_SCHEDULES, RECIPES, SOLVER_BACKENDS, STEP_SCALINGS
     from proxsparse_hf.learning.importance import importance_names
 
-    from .common import add_bos_args, add_calibration_args, add_model_args, add_output_args, add_target_args
+    from .common import (
+        add_bos_args,
+        add_calibration_args,
+        add_model_args,
+        add_output_args,
+        add_permutation_args,
+        add_target_args,
+    )
 
     p = subparsers.add_parser(
         "learn",
@@ -112,6 +119,7 @@ def register(subparsers) -> argparse.ArgumentParser:
         "--solver-backend", default=None, choices=list(SOLVER_BACKENDS), help=_config_help("solver_backend")
     )
     add_target_args(p, default_help="Default: the recipe's (or --config's), i.e. all-linear.")
+    add_permutation_args(p)
 
     train = p.add_argument_group("training")
     train.add_argument(
@@ -194,6 +202,7 @@ def run(args: argparse.Namespace) -> int:
         command_line,
         inspect_model,
         load_calibration,
+        permutation_importance,
         resolve_calibration,
     )
 
@@ -216,11 +225,16 @@ def run(args: argparse.Namespace) -> int:
     if args.max_steps == 0 or args.max_steps < -1:
         raise ValueError(f"`--max-steps`={args.max_steps} is invalid; allowed: -1 (use --epochs) or an integer >= 1.")
     config = build_config(args)
+    permute = permutation_importance(args, "proxsparse", config)
     out = check_output_dir(args.output_dir, overwrite=args.overwrite)
     fsdp_config = _fsdp_config(args)
     device_map = _device_map(args)
     documents = resolve_calibration(args)
     model_config = inspect_model(args, config)
+    if permute is not None:
+        from proxsparse_hf.permutation import check_permutable
+
+        check_permutable(model_config)
     check_seq_len(model_config, args.seq_len)
     source = {"gguf_file": args.gguf_file, "revision": args.revision}
     tokenizer = loading.load_tokenizer(args.model, **source)
@@ -234,6 +248,13 @@ def run(args: argparse.Namespace) -> int:
     )
     if config.base_model_name_or_path is None:
         config.base_model_name_or_path = args.model if args.gguf_file is None else f"{args.model}/{args.gguf_file}"
+    permutation = None
+    if permute is not None:  # before learning: the learner's snapshot W0 is the permuted dense model
+        from proxsparse_hf.permutation import permute_channels
+
+        permutation = permute_channels(
+            model, config, importance=permute, calibration=data, batch_size=args.batch_size
+        ).summary()
     report_to = [] if args.report_to in ("none", "") else [r.strip() for r in args.report_to.split(",")]
     result = learn_mask(
         model,
@@ -265,6 +286,7 @@ def run(args: argparse.Namespace) -> int:
         "training": {**result.training_args, "steps": result.steps, "tokens": result.tokens},
         "wall_time_s": result.wall_time_s,
         "prox_seconds": result.prox_seconds,
+        "permutation": permutation,
         "peak_gpu_memory_gib": result.peak_gpu_memory_gib,
         **({"device_map": _placement(model)} if device_map is not None else {}),
         "command": command_line(args),

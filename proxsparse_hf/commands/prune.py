@@ -19,6 +19,7 @@ from .common import (
     add_bos_args,
     add_model_args,
     add_output_args,
+    add_permutation_args,
     add_target_args,
     command_line,
     parse_target_modules,
@@ -156,6 +157,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     add_target_args(parser, default_help="Default all-linear.")
     add_calibration_args(parser)
     add_method_option_args(parser, switches=True)
+    add_permutation_args(parser)
     return parser
 
 
@@ -184,6 +186,7 @@ def run(args: argparse.Namespace) -> int:
         check_seq_len,
         inspect_model,
         load_calibration,
+        permutation_importance,
         resolve_calibration,
     )
 
@@ -196,23 +199,42 @@ def run(args: argparse.Namespace) -> int:
     check_numbers(args, {"n_samples": ">=1", "seq_len": ">=1", "batch_size": ">=1"})
     out = check_output_dir(args.output_dir, overwrite=args.overwrite)
     config = prune_config(args)
-    documents = resolve_calibration(args) if spec.needs_calibration else None
+    permute = permutation_importance(args, args.method, config)
+    needs_calibration = spec.needs_calibration or permute not in (None, "magnitude")
+    documents = resolve_calibration(args) if needs_calibration else None
     model_config = inspect_model(args, config)
+    if permute is not None:
+        from ..permutation import check_permutable
+
+        check_permutable(model_config)
     source = {"gguf_file": args.gguf_file, "revision": args.revision}
     tokenizer = loading.load_tokenizer(args.model, **source)
     calibration, calibration_info = None, None
-    if spec.needs_calibration:
+    if needs_calibration:
         check_seq_len(model_config, args.seq_len)
         calibration, calibration_info = load_calibration(args, documents, tokenizer)
 
     model = loading.load_model(args.model, config=model_config, dtype=args.dtype, device=args.device, **source)
     config.revision = args.revision or loading.model_revision(model)
     prune_start = time.perf_counter()
+    permutation = None
+    if permute is not None:
+        from ..permutation import permute_channels
+
+        permutation = permute_channels(
+            model,
+            config,
+            importance=permute,
+            calibration=calibration,
+            batch_size=args.batch_size,
+            show_progress=not args.no_progress,
+        ).summary()
     masks = prune(model, args.method, calibration, config, **options)
     prune_time = time.perf_counter() - prune_start
     run_info = {
         "calibration": calibration_info,
         "method_config": {k: v for k, v in options.items() if k != "show_progress"},
+        "permutation": permutation,
         "prune_time_s": prune_time,
         "wall_time_s": time.perf_counter() - start,
         "command": command_line(args),
@@ -235,6 +257,7 @@ def run(args: argparse.Namespace) -> int:
         "layers_2to4": report.num_2to4_layers,
         "target_sparsity": round(report.target_sparsity, 4),
         "overall_sparsity": round(report.overall_sparsity, 4),
+        "permuted_layers": len(permutation["layers"]) if permutation else 0,
         "prune_time_s": round(prune_time, 1),
         "wall_time_s": round(time.perf_counter() - start, 1),
     }

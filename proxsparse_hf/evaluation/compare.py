@@ -24,6 +24,7 @@ __all__ = [
     "COMPARISON_NAME",
     "COMPARISON_TABLE",
     "MASK_SUFFIX",
+    "PERMUTE_SUFFIX",
     "MethodRun",
     "comparison_markdown",
     "compare_method_names",
@@ -39,6 +40,7 @@ logger = logging.getLogger(__name__)
 COMPARISON_TABLE = "comparison.md"
 COMPARISON_CHART = "comparison.png"
 MASK_SUFFIX = "-mask"  # "<pruner>-mask": a weight-updating pruner's mask on the original weights
+PERMUTE_SUFFIX = "+perm"  # "<name>+perm": the same run after a channel permutation (proxsparse_hf.permutation)
 
 
 def _spec(method: str) -> Any:
@@ -65,6 +67,10 @@ class MethodRun:
         description: free text, recorded in ``method_config``.
         apply: ``apply(model)`` prunes the model in place instead of the method (e.g. applies masks saved by an
             earlier run); the row is still recorded under ``method``, with ``options`` as its ``method_config``.
+        permute: None, or keyword arguments of :func:`proxsparse_hf.permutation.permute_channels` (``importance``:
+            ``"auto"`` or absent = :func:`~proxsparse_hf.permutation.permutation_importance_for` the method,
+            ``refine``, ``rounds``, ...): the channels are permuted before the method runs; recorded in
+            ``method_config["permutation"]``.
     """
 
     method: str
@@ -73,6 +79,7 @@ class MethodRun:
     config: Any = None
     description: str = ""
     apply: Callable[[Any], Any] | None = None
+    permute: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         _spec(self.method)  # ValueError listing the registered names
@@ -82,6 +89,10 @@ class MethodRun:
             raise ValueError(f"`label`={self.label!r} is invalid; allowed: None or a non-empty string.")
         if self.apply is not None and not callable(self.apply):
             raise ValueError(f"`apply`={self.apply!r} is invalid; allowed: None or a callable taking the model.")
+        if self.permute is not None and not isinstance(self.permute, Mapping):
+            raise ValueError(
+                f"`permute`={self.permute!r} is invalid; allowed: None or a mapping of permute_channels arguments."
+            )
 
     @property
     def name(self) -> str:
@@ -89,20 +100,37 @@ class MethodRun:
         if self.label is not None:
             return self.label
         masked = self.options.get("update_weights") is False
-        return f"{self.method}{MASK_SUFFIX}" if masked else self.method
+        name = f"{self.method}{MASK_SUFFIX}" if masked else self.method
+        return f"{name}{PERMUTE_SUFFIX}" if self.permute is not None else name
+
+    def permutation_importance(self, config: Any = None) -> str | None:
+        """The importance the channel permutation of this run maximises (None without one)."""
+        if self.permute is None:
+            return None
+        importance = self.permute.get("importance", "auto")
+        if importance == "auto":
+            from ..permutation import permutation_importance_for
+
+            return permutation_importance_for(self.method, config if config is not None else self.config)
+        return importance
 
     @classmethod
     def from_name(cls, name: str) -> MethodRun:
-        """A registered pruner name, or ``<pruner>-mask`` for a pruner that updates weights (its mask on the original
-        weights, ``update_weights=False``)."""
+        """A registered pruner name, ``<pruner>-mask`` for a pruner that updates weights (its mask on the original
+        weights, ``update_weights=False``), either followed by ``+perm`` (a channel permutation first)."""
         from ..pruners import pruner_names
 
-        if name in pruner_names():
-            return cls(name)
-        base = name[: -len(MASK_SUFFIX)] if name.endswith(MASK_SUFFIX) else None
+        stem = name[: -len(PERMUTE_SUFFIX)] if name.endswith(PERMUTE_SUFFIX) else name
+        permute = {} if stem != name else None
+        if stem in pruner_names():
+            return cls(stem, label=None if permute is None else name, permute=permute)
+        base = stem[: -len(MASK_SUFFIX)] if stem.endswith(MASK_SUFFIX) else None
         if base in pruner_names() and _has_mask_variant(_spec(base)):
-            return cls(base, label=name, options={"update_weights": False})
-        raise ValueError(f"`method`={name!r} is invalid; allowed: {compare_method_names(learned=True)}.")
+            return cls(base, label=name, options={"update_weights": False}, permute=permute)
+        allowed = compare_method_names(learned=True)
+        raise ValueError(
+            f"`method`={name!r} is invalid; allowed: {allowed}, each optionally followed by {PERMUTE_SUFFIX!r}."
+        )
 
 
 def compare_method_names(*, learned: bool = False) -> tuple[str, ...]:
@@ -122,7 +150,8 @@ def compare_method_names(*, learned: bool = False) -> tuple[str, ...]:
 
 
 def parse_methods(value: str | Sequence[str], *, learned: bool = False) -> list[MethodRun]:
-    """``"dense,wanda,sparsegpt-mask"`` (or a list of names) → one :class:`MethodRun` each, duplicates dropped.
+    """``"dense,wanda,sparsegpt-mask,wanda+perm"`` (or a list of names) → one :class:`MethodRun` each, duplicates
+    dropped; a ``+perm`` suffix permutes the channels first.
 
     Raises:
         ValueError: empty, or a name that is not in :func:`compare_method_names` (the message lists them).
@@ -130,15 +159,20 @@ def parse_methods(value: str | Sequence[str], *, learned: bool = False) -> list[
     names = [m.strip() for m in value.split(",")] if isinstance(value, str) else [str(m).strip() for m in value]
     names = list(dict.fromkeys(m for m in names if m))
     allowed = compare_method_names(learned=learned)
-    unknown = [m for m in names if m not in allowed]
+    unknown = [m for m in names if m.removesuffix(PERMUTE_SUFFIX) not in allowed]
     if unknown or not names:
         shown = ",".join(value) if not isinstance(value, str) else value
-        raise ValueError(f"`--methods`={shown!r} is invalid; allowed: a comma-separated subset of {allowed}.")
+        raise ValueError(
+            f"`--methods`={shown!r} is invalid; allowed: a comma-separated subset of {allowed}, each optionally "
+            f"followed by {PERMUTE_SUFFIX!r}."
+        )
     return [MethodRun.from_name(m) for m in names]
 
 
-def _uses_calibration(run: MethodRun) -> bool:
-    return run.apply is None and _spec(run.method).needs_calibration
+def _uses_calibration(run: MethodRun, config: Any = None) -> bool:
+    if run.apply is not None:
+        return False
+    return _spec(run.method).needs_calibration or run.permutation_importance(config) not in (None, "magnitude")
 
 
 def needs_calibration(runs: Sequence[MethodRun]) -> bool:
@@ -155,6 +189,14 @@ def _apply_method(
     spec = _spec(run.method)
     start = time.perf_counter()
     telemetry: list[dict[str, Any]] = []
+    permutation = None
+    if run.permute is not None and run.apply is None:
+        from ..permutation import permute_channels
+
+        options = {k: v for k, v in run.permute.items() if k != "importance"}
+        importance = run.permutation_importance(config)
+        report = permute_channels(model, config, importance, calibration, show_progress=show_progress, **options)
+        permutation = report.summary()
     if run.apply is not None:
         run.apply(model)
         method_config: dict[str, Any] = dict(run.options)
@@ -174,6 +216,8 @@ def _apply_method(
         options = {"show_progress": show_progress, **run.options}
         prune(model, run.method, calibration, config, **options)
         method_config = {**spec.defaults, **{k: v for k, v in options.items() if k != "show_progress"}}
+    if permutation is not None:
+        method_config["permutation"] = permutation
     method_config["prune_time_s"] = time.perf_counter() - start
     if run.description:
         method_config["description"] = run.description
@@ -223,10 +267,14 @@ def run_comparison(
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ValueError(f"`runs` has duplicate labels {duplicates}; give each run its own `label`.")
-    missing = [run.name for run in runs if _uses_calibration(run) and calibration is None]
+    config = config if config is not None else ProxSparseConfig()
+    missing = [
+        run.name
+        for run in runs
+        if _uses_calibration(run, run.config if run.config is not None else config) and calibration is None
+    ]
     if missing:
         raise ValueError(f"Run(s) {missing} need calibration data; pass `calibration`.")
-    config = config if config is not None else ProxSparseConfig()
     options = dict(eval_options or {})
     show_progress = bool(options.get("show_progress", True))
     original = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
@@ -245,7 +293,7 @@ def run_comparison(
             run_config = run.config if run.config is not None else config
             logger.info("Comparison: %s", run.name)
             method_config, telemetry = _apply_method(model, run, calibration, run_config, show_progress)
-            if _uses_calibration(run) and calibration_spec is not None:
+            if _uses_calibration(run, run_config) and calibration_spec is not None:
                 method_config["calibration"] = dict(calibration_spec)
             model.eval()
             result = evaluate_model(

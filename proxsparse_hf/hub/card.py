@@ -28,7 +28,14 @@ from ..artefacts.registry import BASE_MODEL_RELATIONS, get_artefact
 from ..constants import CARD_NAME, SUPPORTED_M, SUPPORTED_N
 from ..evaluation.results import EvalResults
 from .checks import check_model_card
-from .facts import calibration_datasets, hyperparameters, inherit_license, method_description, method_label
+from .facts import (
+    calibration_datasets,
+    hyperparameters,
+    inherit_license,
+    method_description,
+    method_label,
+    permutation_summary,
+)
 from .results import CHART_NAME, PIPELINE_TAG, card_results, eval_notes, eval_table, model_index
 
 __all__ = [
@@ -177,6 +184,11 @@ def build_model_card(
             base_link += f" (a local model, SHA-256 `{run_info.base_model_sha256[:16]}…`)"
     pattern = f"{SUPPORTED_N}:{SUPPORTED_M}"
     summary = f"A {pattern} semi-structured sparse version of {base_link}, pruned with {label}"
+    if permutation_summary(run_info):
+        summary += (
+            f" after a channel permutation of {len(run_info.permuted_layers)} layers (folded into the weights, so the "
+            "dense model's outputs were unchanged)"
+        )
     if report.layers:
         summary += (
             f": {report.target_sparsity:.2%} of the weights of its {len(report.layers)} target layers are zero, with "

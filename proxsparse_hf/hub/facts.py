@@ -23,6 +23,7 @@ __all__ = [
     "inherit_license",
     "method_description",
     "method_label",
+    "permutation_summary",
 ]
 
 logger = logging.getLogger(__name__)
@@ -119,6 +120,27 @@ def _importance_label(name: str) -> str:
     return get_importance(name).label if name in importance_names() else name
 
 
+def permutation_summary(run_info: RunInfo) -> str | None:
+    """One phrase on the channel permutation folded into the weights before pruning, e.g. ``"input channels of 60
+    layers (o_proj, down_proj) permuted and folded into their producers; importance activation, hungarian refinement,
+    pruned importance -4.5%"``; None when there was none."""
+    layers = run_info.permuted_layers
+    if not layers:
+        return None
+    info = run_info.permutation or {}
+    kinds = ", ".join(dict.fromkeys(name.rsplit(".", 1)[-1] for name in layers))
+    text = f"input channels of {len(layers)} layers ({kinds}) permuted and folded into their producers"
+    details = []
+    if info.get("importance"):
+        details.append(f"importance {info['importance']}")
+    if info.get("refine"):
+        details.append(f"{info['refine']} refinement")
+    change = finite(info.get("pruned_importance_change"))
+    if change is not None:
+        details.append(f"pruned importance {change:+.1%}")
+    return text + (f"; {', '.join(details)}" if details else "")
+
+
 def hyperparameters(config: ProxSparseConfig, run_info: RunInfo) -> list[tuple[str, str]]:
     """``(setting, value)`` rows: the method, the learning recipe (learned masks), targets, calibration, training,
     the method's options, hardware and wall time — only what was recorded."""
@@ -151,6 +173,9 @@ def hyperparameters(config: ProxSparseConfig, run_info: RunInfo) -> list[tuple[s
     for key, value in (run_info.method_config or {}).items():
         if isinstance(value, (str, int, float, bool)):
             rows.append((key.replace("_", " "), _fmt(value)))
+    permutation = permutation_summary(run_info)
+    if permutation:
+        rows.append(("channel permutation", permutation))
     hardware = hardware_summary(run_info)
     if hardware:
         rows.append(("hardware", hardware))

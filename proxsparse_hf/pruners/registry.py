@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, TypeVar
 
+from ..permutation import PERMUTATION_IMPORTANCES
+
 __all__ = [
     "PrunerOption",
     "PrunerSpec",
@@ -101,6 +103,9 @@ class PrunerSpec:
             needs none), ``options`` are the method's options with defaults filled in.
         learned: the mask is learned by training (:func:`proxsparse_hf.learn_mask` / ``proxsparse learn``), not found by
             :func:`~proxsparse_hf.pruners.prune`.
+        permutation_importance: the importance a channel permutation before this method should maximise (a name of
+            :data:`proxsparse_hf.permutation.PERMUTATION_IMPORTANCES`); None: derived (see
+            :func:`proxsparse_hf.permutation.permutation_importance_for`).
     """
 
     name: str
@@ -111,6 +116,7 @@ class PrunerSpec:
     options: Mapping[str, PrunerOption]
     fn: Callable[..., Any]
     learned: bool = False
+    permutation_importance: str | None = None
 
     @property
     def defaults(self) -> dict[str, Any]:
@@ -155,6 +161,7 @@ def register_pruner(
     updates_weights: bool = False,
     options: Mapping[str, Any] | None = None,
     learned: bool = False,
+    permutation_importance: str | None = None,
 ) -> Callable[[T], T]:
     """Class/function decorator that registers a pruning method under ``name``.
 
@@ -171,9 +178,11 @@ def register_pruner(
         updates_weights: the method may change surviving weights.
         options: ``{option: default}`` or ``{option: PrunerOption(...)}``.
         learned: the mask is learned by training, not found by ``prune()``.
+        permutation_importance: the importance a channel permutation before this method maximises (default: derived).
 
     Raises:
-        ValueError: an invalid or already registered name, an empty label, or an invalid option declaration.
+        ValueError: an invalid or already registered name, an empty label, an invalid option declaration or
+            permutation importance.
         TypeError: the decorated object is not callable and has no ``run``.
     """
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
@@ -186,6 +195,11 @@ def register_pruner(
     if not isinstance(label, str) or not label.strip():
         raise ValueError(f"`label`={label!r} is invalid; allowed: a non-empty string.")
     declared = MappingProxyType({key: _as_option(key, name, value) for key, value in (options or {}).items()})
+    if permutation_importance is not None and permutation_importance not in PERMUTATION_IMPORTANCES:
+        raise ValueError(
+            f"`permutation_importance`={permutation_importance!r} is invalid; allowed: None or one of "
+            f"{tuple(PERMUTATION_IMPORTANCES)}."
+        )
 
     def decorator(obj: T) -> T:
         fn = getattr(obj, "run", None) if isinstance(obj, type) else obj
@@ -202,6 +216,7 @@ def register_pruner(
             options=declared,
             fn=fn,
             learned=bool(learned),
+            permutation_importance=permutation_importance,
         )
         return obj
 

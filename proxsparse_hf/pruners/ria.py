@@ -65,6 +65,7 @@ def ria_mask(
     "input column plus relative to its output row, times ‖x‖₂^alpha of its input feature; the two best of every group "
     "of four are kept, block by block, without a weight update.",
     needs_calibration=True,
+    permutation_importance="ria",
     options={
         "alpha": PrunerOption(
             0.5,
