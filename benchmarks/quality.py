@@ -25,6 +25,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 from typing import Any
 
@@ -39,7 +40,7 @@ from proxsparse_hf.evaluation import load_comparison, save_comparison  # noqa: E
 from proxsparse_hf.evaluation.compare import MethodRun, comparison_markdown, run_comparison  # noqa: E402
 from proxsparse_hf.loading import load_model_and_tokenizer  # noqa: E402
 from proxsparse_hf.pruners import get_pruner  # noqa: E402
-from proxsparse_hf.utils import atomic_write_text  # noqa: E402
+from proxsparse_hf.utils import atomic_write_text, describe_hardware, library_versions  # noqa: E402
 
 logger = logging.getLogger("quality")
 
@@ -191,6 +192,10 @@ def main(argv: list[str] | None = None) -> int:
     kept = [r for r in load_comparison(args.output) if r.label not in wanted] if os.path.isfile(args.output) else []
     smoke = args.max_steps is not None or args.max_windows is not None or args.n_samples is not None
     done = []
+    command = "python benchmarks/quality.py " + " ".join(
+        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
+    )
+    hardware, versions = describe_hardware(), library_versions()
 
     def on_result(result) -> None:
         run = runs[len(done)]
@@ -215,9 +220,19 @@ def main(argv: list[str] | None = None) -> int:
             line["pruned_importance_change"] = permutation.get("pruned_importance_change")
         print(json.dumps({**line, "prune_time_s": result.method_config.get("prune_time_s")}), flush=True)
         rows = [*kept, *done]
-        save_comparison(args.output, rows, model=model_path, experiment=exp, smoke_test=smoke)
+        save_comparison(
+            args.output,
+            rows,
+            model=model_path,
+            experiment=exp,
+            smoke_test=smoke,
+            command=command,
+            hardware=hardware,
+            versions=versions,
+        )
         atomic_write_text(
-            os.path.splitext(args.output)[0] + ".md", comparison_markdown(rows) + permutation_notes(rows)
+            os.path.splitext(args.output)[0] + ".md",
+            comparison_markdown(rows) + permutation_notes(rows) + f"\nCommand: `{command}`\n",
         )
 
     run_comparison(

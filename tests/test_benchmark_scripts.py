@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -239,6 +240,13 @@ def test_quality_scripts_run_through_the_comparison_runner(tmp_path, capsys):
     assert "| ps | proxsparse |" in (tmp_path / "quality.md").read_text()
     assert sorted(os.listdir(masks)) == ["magnitude", "ps", "sparsegpt-mask"]  # mask-only runs
     assert str(tmp_path) not in out.read_text()
+    meta = json.loads(out.read_text())
+    # the command, with local paths reduced to names like everything else in the file
+    assert meta["command"] == "python quality.py experiment.json --output quality.json --save-masks masks " + (
+        "--max-steps 2 --device cpu"
+    )
+    assert meta["hardware"]["cpu_count"] >= 1 and meta["versions"]["torch"] == torch.__version__
+    assert "Command: `python benchmarks/quality.py " in (tmp_path / "quality.md").read_text()
 
     # re-running one run keeps the others
     assert _load("quality").main([*argv[:3], "--runs", "dense", "--device", "cpu"]) == 0
