@@ -22,6 +22,7 @@ from .utils import save_safetensors_atomic
 __all__ = [
     "apply_2to4_masks",
     "count_mask_flips",
+    "mask_flips",
     "extract_2to4_masks",
     "fraction_2to4_groups",
     "is_2to4",
@@ -72,9 +73,14 @@ def fraction_2to4_groups(tensor: torch.Tensor) -> float:
 
 def count_mask_flips(previous: torch.Tensor, current: torch.Tensor) -> int:
     """Number of groups whose kept positions differ between two masks of the same shape."""
+    return int(mask_flips(previous, current))
+
+
+def mask_flips(previous: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+    """:func:`count_mask_flips` as a 0-d tensor on the masks' device (no host synchronisation)."""
     if previous.shape != current.shape:
         raise ValueError(f"Mask shapes differ: {tuple(previous.shape)} vs {tuple(current.shape)}.")
-    return int((weight_groups(previous) != weight_groups(current)).any(dim=1).sum())
+    return (weight_groups(previous) != weight_groups(current)).any(dim=1).sum()
 
 
 def _state_dict_targets(state_dict: Mapping[str, torch.Tensor], config) -> dict[str, bool]:

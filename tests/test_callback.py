@@ -286,3 +286,61 @@ def test_learner_in_a_custom_loop_and_lambda2_gradient():
     assert learner.prox_step(3, 10) is True
     masks = learner.finalize()
     assert all(is_2to4(model.state_dict()[k]) for k in masks)
+
+
+def test_statistics_match_a_direct_computation():
+    """The telemetry accumulates on the device and reads once; every value equals the plain per-layer computation."""
+    from proxsparse_hf.learning.regularizers import regularizer_2to4
+    from proxsparse_hf.masks import count_mask_flips, mask_2to4
+
+    torch.manual_seed(0)
+    model = tiny_model("llama")
+    learner = MaskLearner(model, ProxSparseConfig(lambda1=0.5))
+    targets = list(learner.shards.values())
+
+    def reference(previous):
+        groups = ok = flips = numel = 0
+        reg = dist = 0.0
+        masks = {}
+        for s in targets:
+            w = s.target.weight.detach()
+            nonzero = (s.grouped(w).reshape(-1, 4) != 0).sum(dim=1)
+            groups, ok = groups + nonzero.numel(), ok + int((nonzero <= 2).sum())
+            reg += float(regularizer_2to4(s.grouped(w)))
+            dist += float((w - learner.original[s.name]).abs().sum())
+            numel += w.numel()
+            masks[s.name] = mask_2to4(s.grouped(w))
+            if previous is not None:
+                flips += count_mask_flips(previous[s.name], masks[s.name])
+        return {"frac_2to4": ok / groups, "mask_flips": flips, "regularizer": reg, "dist": dist / numel}, masks
+
+    with torch.no_grad():
+        for s in targets:
+            s.target.weight.add_(0.01 * torch.randn_like(s.target.weight))
+    learner.prox_step(1, 10)
+    expected, masks = reference(None)
+    first = learner.statistics()
+    with torch.no_grad():
+        for s in targets:
+            s.target.weight.mul_(1 + 0.5 * torch.rand_like(s.target.weight))  # moves some top-2 positions
+    learner.prox_step(2, 10)
+    expected2, _ = reference(masks)
+    second = learner.statistics()
+    assert first["proxsparse/mask_flips"] != first["proxsparse/mask_flips"]  # NaN: nothing to compare with yet
+    assert expected2["mask_flips"] > 0 and second["proxsparse/mask_flips"] == expected2["mask_flips"]
+    for got, want in ((first, expected), (second, expected2)):
+        assert got["proxsparse/frac_2to4"] == pytest.approx(want["frac_2to4"], abs=1e-12)
+        assert got["proxsparse/regularizer"] == pytest.approx(want["regularizer"], rel=1e-5)
+        assert got["proxsparse/dist_to_original"] == pytest.approx(want["dist"], rel=1e-5)
+    assert 0 < expected["frac_2to4"] <= 1 and expected2["dist"] > expected["dist"] > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cpu_snapshot_of_a_cuda_model_is_pinned_and_exact():
+    model = tiny_model("llama").cuda()
+    learner = MaskLearner(model, ProxSparseConfig(lambda1=0.5, snapshot_device="cpu"))
+    for s in learner.shards.values():
+        snap = learner.original[s.name]
+        assert snap.device.type == "cpu" and snap.is_pinned()
+        assert torch.equal(snap, s.target.weight.detach().cpu())
+    assert learner.statistics()["proxsparse/dist_to_original"] == 0.0

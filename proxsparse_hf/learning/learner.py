@@ -26,7 +26,7 @@ from torch import nn
 
 from ..config import ProxSparseConfig
 from ..loading import input_device
-from ..masks import apply_2to4_masks, count_mask_flips, extract_2to4_masks, mask_2to4
+from ..masks import apply_2to4_masks, extract_2to4_masks, mask_2to4, mask_flips
 from ..targets import Target
 from . import checkpoint
 from .checkpoint import INPUT_NORMS_NAME, SNAPSHOT_NAME
@@ -101,7 +101,7 @@ class MaskLearner:
                 )
             original = {s.name: s.shard(original[s.name]) for s in self.shards.values()}
         self.original: dict[str, torch.Tensor] = {
-            s.name: original[s.name].detach().to(device or s.local(s.target.weight).device, copy=True)
+            s.name: _snapshot_copy(original[s.name].detach(), device or s.local(s.target.weight).device)
             for s in self.shards.values()
         }
         # Per-input-feature scale s of the importance measure, shaped to broadcast over `shard.grouped(...)`.
@@ -294,30 +294,41 @@ class MaskLearner:
         support changed since the previous call; ``proxsparse/regularizer``: Σ R(w_g); ``proxsparse/dist_to_original``:
         mean |W − W0|; ``proxsparse/lambda_scale_mean``: mean per-layer multiplier of λ1.
         """
-        groups = ok = flips = 0
-        reg = 0.0
-        dist_sum = 0.0
-        numel = 0
+        # per device: [groups, ok, flips, regulariser, Σ|W − W0|, numel] accumulated there, read with one sync each
+        sums: dict[torch.device, torch.Tensor] = {}
         masks: dict[str, torch.Tensor] = {}
         for s in self.shards.values():
             weight = s.local(s.target.weight.detach())
             view = s.grouped(weight)
-            # a sharded weight's counts are summed over ranks below; replicated copies count once in total
-            scale = 1.0 / s.replication if self.sharded else 1
             nonzero = (view.reshape(-1, 4) != 0).sum(dim=1)
-            groups += scale * nonzero.numel()
-            ok += scale * int((nonzero <= 2).sum())
             scores = self._scores(s, view)
-            reg += scale * float(regularizer_2to4(scores))
-            dist_sum += scale * float((weight.float() - self.original[s.name].to(weight.device).float()).abs().sum())
-            numel += scale * weight.numel()
+            original = self.original[s.name].to(weight.device, non_blocking=True)
             mask = mask_2to4(scores)
-            if self._last_masks is not None:
-                flips += scale * count_mask_flips(self._last_masks[s.name], mask)
+            flips = (
+                mask_flips(self._last_masks[s.name], mask) if self._last_masks is not None else nonzero.new_zeros(())
+            )
+            row = torch.stack(
+                [
+                    torch.tensor(float(nonzero.numel()), dtype=torch.float64, device=weight.device),
+                    (nonzero <= 2).sum().double(),
+                    flips.double(),
+                    regularizer_2to4(scores).double(),
+                    (weight.float() - original.float()).abs().sum().double(),
+                    torch.tensor(float(weight.numel()), dtype=torch.float64, device=weight.device),
+                ]
+            )
+            # a sharded weight's counts are summed over ranks below; replicated copies count once in total
+            if self.sharded:
+                row = row / s.replication
+            sums[weight.device] = row if weight.device not in sums else sums[weight.device] + row
             masks[s.name] = mask
+        total = [0.0] * 6
+        for row in sums.values():
+            total = [a + b for a, b in zip(total, row.tolist())]
+        groups, ok, flips, reg, dist_sum, numel = total
         if self.sharded:
             groups, ok, flips, reg, dist_sum, numel = all_reduce_sums([groups, ok, flips, reg, dist_sum, numel])
-            groups, ok, flips = round(groups), round(ok), round(flips)
+        groups, ok, flips = round(groups), round(ok), round(flips)
         first = self._last_masks is None
         self._last_masks = masks
         return {
@@ -388,3 +399,16 @@ class MaskLearner:
     def load_snapshot(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
         """Read a snapshot written by :meth:`save_snapshot`."""
         return checkpoint.load_snapshot(directory)
+
+
+def _snapshot_copy(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A copy of ``tensor`` on ``device``; a CPU copy of a CUDA tensor goes to pinned memory where the platform allows
+    it, so that the per-step and telemetry reads of the snapshot are fast asynchronous transfers."""
+    device = torch.device(device)
+    if device.type != "cpu" or tensor.device.type != "cuda":
+        return tensor.to(device, copy=True)
+    try:
+        out = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    except RuntimeError:  # no pinnable memory (e.g. a locked-down container): a pageable copy works too
+        return tensor.to(device, copy=True)
+    return out.copy_(tensor)
