@@ -216,7 +216,7 @@ def test_no_consumer_among_the_targets_warns_and_changes_nothing():
 def test_a_permutation_that_changes_the_logits_is_undone(monkeypatch):
     # a wrong producer (k_proj instead of v_proj) breaks the function; the probe catches it and restores the weights
     monkeypatch.setitem(
-        permutation.SUPPORTED_ARCHITECTURES, "llama", permutation._BlockNames(value="self_attn.k_proj")
+        permutation.SUPPORTED_ARCHITECTURES, "llama", permutation.folding._BlockNames(value="self_attn.k_proj")
     )
     model = tiny_model("llama")
     state = {k: v.clone() for k, v in model.state_dict().items()}

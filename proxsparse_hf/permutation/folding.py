@@ -1,35 +1,5 @@
-"""Channel permutation for 2:4: reorder the input channels of a layer so that more importance survives the top-2-of-4
-rule, and fold the reordering into the weights so that the model computes exactly the same function.
-
-A 2:4 group is four *consecutive* input channels; which channels share a group is an accident of the checkpoint. If the
-input channels of a layer are permuted and the layer that produces them permutes its output rows the same way, the
-model is unchanged (up to float rounding) and a mask method run afterwards sees better groups. Run it before any mask
-method (magnitude, Wanda, RIA, SparseGPT, ProxSparse)::
-
-    report = permute_channels(model, config, importance="activation", calibration=windows)
-    prune(model, "wanda", windows, config)            # the result is still a plain checkpoint, exactly 2:4
-
-Which layers, and why it is exact (Llama, Mistral, Qwen2 decoder blocks):
-
-* ``mlp.down_proj``: its input is ``act(gate_proj(x)) * up_proj(x)``, element by element, so permuting the rows (and
-  biases) of ``gate_proj`` and ``up_proj`` with the same permutation permutes ``down_proj``'s input.
-* ``self_attn.o_proj``: its input is the concatenation of the heads' outputs ``softmax(q_h k_gᵀ) v_g``; head ``h`` reads
-  key/value head ``g = h // n_rep`` (grouped-query attention). A permutation of the ``head_dim`` channels of value head
-  ``g`` (rows of ``v_proj``) permutes the output channels of every query head that reads it the same way, so ``o_proj``
-  gets one within-head permutation per key/value head, shared by its ``n_rep`` query heads. Moving whole heads would
-  not change any group (``head_dim`` is a multiple of 4), so this is all the freedom there is.
-* The residual-stream inputs (``q/k/v_proj``, ``gate/up_proj``) are left alone: only one permutation of the whole
-  stream (embeddings, every norm, every ``o_proj``/``down_proj`` output, ``lm_head``) is exact there, and measured on
-  SmolLM2-135M it removes 1.5 % of the pruned importance of those layers, against 5–7 % for a ``down_proj`` with its own
-  permutation (docs/quality.md).
-
-The search, per layer (per key/value head for ``o_proj``, whose query heads' columns are stacked): the importance
-matrix ``S`` (``|W|``, ``|W|·‖X_j‖`` or the RIA score) decides the objective ``Σ_rows Σ_groups top-2``. RIA's
-heuristic allocation (channels sorted by total importance, dealt to the groups in a snake order) gives the start, then
-each of the four positions of a group is re-assigned in turn, keeping the other three fixed: an assignment problem,
-solved exactly with ``scipy.optimize.linear_sum_assignment`` (``refine="hungarian"``) or by pairwise swaps in pure torch
-(``refine="swap"``); ``"auto"`` uses scipy when it is installed. The result is never worse than the identity.
-"""
+"""Folding channel permutations into a model: the layers that can absorb one, the search per layer and the check that
+the model still computes the same function (the method is described in :mod:`proxsparse_hf.permutation`)."""
 
 from __future__ import annotations
 
@@ -43,17 +13,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from .constants import SUPPORTED_M, SUPPORTED_N
+from ..constants import SUPPORTED_M
+from .search import _check_rounds, _resolve_refine, find_permutation, kept_importance
 
 __all__ = [
     "PERMUTATION_IMPORTANCES",
-    "PERMUTATION_REFINEMENTS",
     "SUPPORTED_ARCHITECTURES",
     "PermutationReport",
     "PermutedLayer",
     "check_permutable",
-    "find_permutation",
-    "kept_importance",
     "permutation_importance_for",
     "permute_channels",
 ]
@@ -66,10 +34,6 @@ PERMUTATION_IMPORTANCES: Mapping[str, str] = {
     "ria": "RIA score (|W| relative to its row and column, times ‖X_j‖^alpha)",
 }
 """Importance measures the permutation can maximise (name → label); all but ``magnitude`` read calibration data."""
-
-PERMUTATION_REFINEMENTS = ("auto", "hungarian", "swap", "none")
-"""``hungarian``: exact re-assignment per position (needs scipy); ``swap``: pairwise swaps (pure torch); ``auto``:
-hungarian when scipy is installed, else swap; ``none``: the heuristic allocation only."""
 
 
 @dataclass(frozen=True)
@@ -95,146 +59,6 @@ _PROBE_TOKENS = 16
 _VERIFY_RTOL = {torch.float32: 1e-4, torch.float64: 1e-8}  # relative L2 error of the logits; 16-bit dtypes: 5e-2
 
 
-# ------------------------------------------------------------------------------------------------------- search
-def kept_importance(scores: torch.Tensor) -> float:
-    """``Σ`` over rows and groups of four consecutive columns of the two largest entries: the importance a top-2-of-4
-    mask keeps (``scores`` is ``[rows, n]``, ``n`` divisible by 4)."""
-    rows, n = scores.shape
-    grouped = scores.reshape(rows, n // SUPPORTED_M, SUPPORTED_M)
-    return float(grouped.topk(SUPPORTED_N, dim=-1).values.sum(dtype=torch.float64))
-
-
-def _heuristic_allocation(scores: torch.Tensor) -> torch.Tensor:
-    """RIA's channel allocation: channels sorted by total importance, quarter ``p`` of the order fills position ``p``
-    of the groups, every other quarter reversed (a snake), so every group gets a mix of strong and weak channels."""
-    n = scores.shape[1]
-    groups = n // SUPPORTED_M
-    order = scores.sum(dim=0).argsort(stable=True)
-    perm = torch.empty(n, dtype=torch.long, device=scores.device)
-    for p in range(SUPPORTED_M):
-        quarter = order[p * groups : (p + 1) * groups]
-        perm[p::SUPPORTED_M] = quarter.flip(0) if p % 2 else quarter
-    return perm
-
-
-def _position_values(scores: torch.Tensor, groups: torch.Tensor, p: int) -> torch.Tensor:
-    """``V[g, c]``: kept importance of group ``g`` when its channel at position ``p`` is replaced by the channel at
-    position ``p`` of group ``c`` (the other three fixed). With ``t1 >= t2`` the two largest of the fixed three per row,
-    the top-2 of four is ``t1 + max(t2, s)``, and ``Σ max(t2, s) = (Σ t2 + Σ s + ‖t2 − s‖₁) / 2`` — one ``cdist``."""
-    rows = scores.shape[0]
-    count = groups.shape[0]
-    grouped = scores[:, groups.reshape(-1)].view(rows, count, SUPPORTED_M)
-    fixed = [q for q in range(SUPPORTED_M) if q != p]
-    top = grouped[:, :, fixed].topk(SUPPORTED_N, dim=-1).values
-    t1, t2 = top[..., 0].t().contiguous(), top[..., 1].t().contiguous()  # [groups, rows]
-    free = grouped[:, :, p].t().contiguous()
-    distance = torch.cdist(t2.unsqueeze(0), free.unsqueeze(0), p=1).squeeze(0)
-    return t1.sum(1, keepdim=True) + (t2.sum(1, keepdim=True) + free.sum(1).unsqueeze(0) + distance) / 2
-
-
-def _assign_hungarian(values: torch.Tensor) -> torch.Tensor:
-    from scipy.optimize import linear_sum_assignment
-
-    _, columns = linear_sum_assignment(values.double().cpu().numpy(), maximize=True)
-    return torch.as_tensor(columns, dtype=torch.long, device=values.device)
-
-
-def _assign_swaps(values: torch.Tensor, max_iterations: int = 10_000) -> torch.Tensor:
-    """Local search for the assignment: swap the candidates of two groups while that gains; every iteration applies
-    all mutually-best pairs at once (they are disjoint)."""
-    count = values.shape[0]
-    columns = torch.arange(count, device=values.device)
-    index = torch.arange(count, device=values.device)
-    tolerance = 1e-7 * float(values.diagonal().abs().sum())
-    for _ in range(max_iterations):
-        taken = values[:, columns]  # taken[g, h]: group g with group h's current candidate
-        current = taken.diagonal()
-        gain = taken + taken.t() - current.unsqueeze(1) - current.unsqueeze(0)
-        gain.fill_diagonal_(float("-inf"))
-        best_gain, partner = gain.max(dim=1)
-        chosen = (partner[partner] == index) & (best_gain > tolerance) & (index < partner)
-        if not bool(chosen.any()):
-            break
-        a, b = index[chosen], partner[chosen]
-        columns[a], columns[b] = columns[b].clone(), columns[a].clone()
-    return columns
-
-
-def _resolve_refine(refine: str) -> str:
-    if refine not in PERMUTATION_REFINEMENTS:
-        raise ValueError(f"`refine`={refine!r} is invalid; allowed: one of {PERMUTATION_REFINEMENTS}.")
-    if refine in ("auto", "hungarian"):
-        try:
-            import scipy.optimize  # noqa: F401
-        except ImportError:
-            if refine == "hungarian":
-                raise ValueError(
-                    "`refine`='hungarian' needs scipy (pip install scipy); use refine='swap' (pure torch) instead."
-                ) from None
-            return "swap"
-        return "hungarian"
-    return refine
-
-
-def _check_rounds(rounds: Any) -> int:
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
-        raise ValueError(f"`rounds`={rounds!r} is invalid; allowed: an integer >= 0.")
-    return rounds
-
-
-@torch.no_grad()
-def find_permutation(scores: torch.Tensor, *, refine: str = "auto", rounds: int = 3) -> torch.Tensor:
-    """A permutation of the columns of ``scores`` (``[rows, n]``, importance >= 0) that raises
-    :func:`kept_importance`; never lower than the identity's.
-
-    Args:
-        scores: importance of every weight, input channels along the last dimension (``n`` divisible by 4).
-        refine: ``"auto"``, ``"hungarian"``, ``"swap"`` or ``"none"`` (see :data:`PERMUTATION_REFINEMENTS`).
-        rounds: passes over the four positions of the refinement (it stops early when a pass gains nothing).
-
-    Returns:
-        ``perm`` (``LongTensor [n]``): column ``k`` of the permuted matrix is column ``perm[k]`` of ``scores``.
-
-    Raises:
-        ValueError: ``scores`` not 2-D, ``n`` not divisible by 4, negative or non-finite entries, or a bad option.
-    """
-    method = _resolve_refine(refine)
-    rounds = _check_rounds(rounds)
-    if scores.dim() != 2 or scores.shape[1] % SUPPORTED_M or scores.shape[1] == 0:
-        raise ValueError(
-            f"`scores` of shape {tuple(scores.shape)} is invalid; allowed: [rows, n] with n a positive multiple of "
-            f"{SUPPORTED_M}."
-        )
-    s = scores.detach().float()
-    if not bool(torch.isfinite(s).all()) or bool((s < 0).any()):
-        raise ValueError("`scores` must be finite and >= 0 (importance of every weight).")
-    n = s.shape[1]
-    identity = torch.arange(n, device=s.device)
-    baseline = kept_importance(s)
-    perm = _heuristic_allocation(s)
-    if kept_importance(s[:, perm]) <= baseline:
-        perm = identity
-    count = n // SUPPORTED_M
-    if method != "none" and count > 1:
-        assign = _assign_hungarian if method == "hungarian" else _assign_swaps
-        groups = perm.view(count, SUPPORTED_M).clone()
-        index = torch.arange(count, device=s.device)
-        for _ in range(rounds):
-            improved = False
-            for p in range(SUPPORTED_M):
-                values = _position_values(s, groups, p)
-                columns = assign(values)
-                gain = float(values[index, columns].double().sum() - values.diagonal().double().sum())
-                if gain > 1e-9 * abs(float(values.diagonal().double().sum())):
-                    groups[:, p] = groups[columns, p]
-                    improved = True
-            if not improved:
-                break
-        perm = groups.reshape(-1)
-    return perm if kept_importance(s[:, perm]) > baseline else identity
-
-
-# ------------------------------------------------------------------------------------------------------ the model
 @dataclass(frozen=True)
 class PermutedLayer:
     """One consumer layer whose input channels were permuted.
@@ -356,13 +180,13 @@ def permutation_importance_for(method: str, config: Any = None) -> str:
     Raises:
         ValueError: ``method`` is not a registered pruner.
     """
-    from .pruners import get_pruner
+    from ..pruners import get_pruner
 
     spec = get_pruner(method)
     if spec.permutation_importance is not None:
         return spec.permutation_importance
     if spec.learned:
-        from .learning.importance import get_importance
+        from ..learning.importance import get_importance
 
         name = getattr(config, "importance", "magnitude") if config is not None else "magnitude"
         return "activation" if get_importance(name).needs_input_norms else "magnitude"
@@ -390,7 +214,7 @@ def _attention_shape(block: nn.Module, names: _BlockNames, o_proj: nn.Linear, v_
 
 
 def _plans(model: nn.Module, names: set[str], skipped: dict[str, str]) -> list[_Plan]:
-    from .targets import decoder_block_prefixes
+    from ..targets import decoder_block_prefixes
 
     config = getattr(model, "config", None)
     check_permutable(config)
@@ -440,9 +264,9 @@ def _input_norms(
     """``‖X_j‖₂`` of every input channel of ``modules`` over the calibration windows (one full forward each)."""
     from tqdm.auto import tqdm
 
-    from .activations import InputNormStats
-    from .loading import input_device
-    from .pruners.capture import CalibrationBatches
+    from ..activations import InputNormStats
+    from ..loading import input_device
+    from ..pruners.capture import CalibrationBatches
 
     batches = CalibrationBatches.from_any(calibration, batch_size=batch_size)
     stats = {name: InputNormStats(m.in_features, device=m.weight.device) for name, m in modules.items()}
@@ -467,10 +291,10 @@ def _scores(weight: torch.Tensor, importance: str, norms: torch.Tensor | None, a
     if importance == "magnitude":
         return weight.detach().abs().float()
     if importance == "activation":
-        from .pruners.wanda import wanda_scores
+        from ..pruners.wanda import wanda_scores
 
         return wanda_scores(weight, norms)
-    from .pruners.ria import ria_scores
+    from ..pruners.ria import ria_scores
 
     return ria_scores(weight, norms, alpha=alpha)
 
@@ -486,7 +310,7 @@ def _fold(plan: _Plan, consumer_perm: torch.Tensor, producer_perm: torch.Tensor)
 
 
 def _probe_logits(model: nn.Module) -> torch.Tensor:
-    from .loading import input_device
+    from ..loading import input_device
 
     vocab = int(getattr(model.config, "vocab_size", 2) or 2)
     probe = (torch.arange(_PROBE_TOKENS) * 7919 % vocab).unsqueeze(0).to(input_device(model))
@@ -536,8 +360,8 @@ def permute_channels(
             already 2:4 sparse.
         RuntimeError: the probe's logits changed (the permutation is undone first).
     """
-    from .masks import is_2to4
-    from .targets import find_targets
+    from ..masks import is_2to4
+    from ..targets import find_targets
 
     start = time.perf_counter()
     importance = _check_importance(importance)
