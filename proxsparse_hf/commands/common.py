@@ -183,7 +183,7 @@ def add_calibration_args(
 
 def add_permutation_args(parser: argparse.ArgumentParser) -> None:
     """``--permute`` and ``--permute-importance`` of ``prune`` and ``learn``."""
-    from ..permutation import PERMUTATION_IMPORTANCES
+    from ..permutation.search import PERMUTATION_IMPORTANCES
 
     group = parser.add_argument_group("channel permutation")
     group.add_argument(

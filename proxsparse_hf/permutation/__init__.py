@@ -32,7 +32,6 @@ solved exactly with ``scipy.optimize.linear_sum_assignment`` (``refine="hungaria
 """
 
 from .folding import (
-    PERMUTATION_IMPORTANCES,
     SUPPORTED_ARCHITECTURES,
     PermutationReport,
     PermutedLayer,
@@ -40,7 +39,7 @@ from .folding import (
     permutation_importance_for,
     permute_channels,
 )
-from .search import PERMUTATION_REFINEMENTS, find_permutation, kept_importance
+from .search import PERMUTATION_IMPORTANCES, PERMUTATION_REFINEMENTS, find_permutation, kept_importance
 
 __all__ = [
     "PERMUTATION_IMPORTANCES",

@@ -14,10 +14,9 @@ import torch
 from torch import nn
 
 from ..constants import SUPPORTED_M
-from .search import _check_rounds, _resolve_refine, find_permutation, kept_importance
+from .search import PERMUTATION_IMPORTANCES, _check_rounds, _resolve_refine, find_permutation, kept_importance
 
 __all__ = [
-    "PERMUTATION_IMPORTANCES",
     "SUPPORTED_ARCHITECTURES",
     "PermutationReport",
     "PermutedLayer",
@@ -27,13 +26,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-PERMUTATION_IMPORTANCES: Mapping[str, str] = {
-    "magnitude": "|W|",
-    "activation": "|W|·‖X_j‖ (Wanda)",
-    "ria": "RIA score (|W| relative to its row and column, times ‖X_j‖^alpha)",
-}
-"""Importance measures the permutation can maximise (name → label); all but ``magnitude`` read calibration data."""
 
 
 @dataclass(frozen=True)

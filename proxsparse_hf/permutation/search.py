@@ -3,13 +3,21 @@ described in :mod:`proxsparse_hf.permutation`)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from ..constants import SUPPORTED_M, SUPPORTED_N
 
-__all__ = ["PERMUTATION_REFINEMENTS", "find_permutation", "kept_importance"]
+__all__ = ["PERMUTATION_IMPORTANCES", "PERMUTATION_REFINEMENTS", "find_permutation", "kept_importance"]
+
+PERMUTATION_IMPORTANCES: Mapping[str, str] = {
+    "magnitude": "|W|",
+    "activation": "|W|·‖X_j‖ (Wanda)",
+    "ria": "RIA score (|W| relative to its row and column, times ‖X_j‖^alpha)",
+}
+"""Importance measures the permutation can maximise (name → label); all but ``magnitude`` read calibration data."""
 
 PERMUTATION_REFINEMENTS = ("auto", "hungarian", "swap", "none")
 """``hungarian``: exact re-assignment per position (needs scipy); ``swap``: pairwise swaps (pure torch); ``auto``:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, TypeVar
 
-from ..permutation import PERMUTATION_IMPORTANCES
+from ..permutation.search import PERMUTATION_IMPORTANCES
 
 __all__ = [
     "PrunerOption",
