@@ -151,7 +151,7 @@ def test_smollm2_path_learns_each_setting_and_scores_every_mask(tmp_path, monkey
     out = tmp_path / "scale.json"
     out.write_text(json.dumps({"mfu": 0.4, "commands": {"7b": "earlier 7b command"}}))  # a 7b part already there
     argv = ["--part", "smollm2", "--device", "cpu", "--smollm2-model", str(model_dir), "--data-dir", str(data)]
-    argv += ["--smollm2-runs", "fp32_b2,amp_b4,bf16w_b4_adamw_torch", "--smollm2-fast", "amp_b4"]
+    argv += ["--smollm2-runs", "fp32_b2,fp32_b4,amp_b4,bf16w_b4_adamw_torch", "--smollm2-fast", "amp_b4"]
     argv += ["--smollm2-samples", "8", "--smollm2-seq-len", "32", "--smollm2-eval-windows", "2"]
     argv += ["--logging-steps", "1", "--output", str(out)]
     assert module.main(argv) == 0
@@ -159,7 +159,7 @@ def test_smollm2_path_learns_each_setting_and_scores_every_mask(tmp_path, monkey
     assert data_out["mfu"] == 0.4 and data_out["commands"]["7b"] == "earlier 7b command"  # merged, not replaced
     part = data_out["smollm2"]
     runs = {r["name"]: r for r in part["runs"]}
-    assert list(runs) == ["fp32_b2", "amp_b4", "bf16w_b4_adamw_torch"] and part["reference"] == "fp32_b2"
+    assert list(runs) == ["fp32_b2", "fp32_b4", "amp_b4", "bf16w_b4_adamw_torch"] and part["reference"] == "fp32_b2"
     assert runs["fp32_b2"]["steps"] == 4 and runs["amp_b4"]["steps"] == 2  # one epoch of the same 8 windows
     assert runs["amp_b4"]["bf16_autocast"] and runs["amp_b4"]["weight_dtype"] == "float32"
     assert runs["bf16w_b4_adamw_torch"]["weight_dtype"] == "bfloat16"
@@ -176,6 +176,16 @@ def test_smollm2_path_learns_each_setting_and_scores_every_mask(tmp_path, monkey
     assert data_out["smollm2_ppl_ratio"] == pytest.approx(
         runs["amp_b4"]["wikitext2"]["ppl"] / runs["fp32_b2"]["wikitext2"]["ppl"]
     )
+    # the 2 % target compares a precision with fp32 at the same micro-batch and optimizer (the same recipe)
+    assert runs["amp_b4"]["fp32_same_recipe"] == "fp32_b4" and runs["fp32_b4"]["fp32_same_recipe"] == "fp32_b4"
+    assert runs["amp_b4"]["ppl_ratio_to_fp32_same_recipe"] == pytest.approx(
+        runs["amp_b4"]["wikitext2"]["ppl"] / runs["fp32_b4"]["wikitext2"]["ppl"]
+    )
+    assert "fp32_same_recipe" not in runs["bf16w_b4_adamw_torch"]  # no fp32 run with adamw_torch at batch 4
+    assert 0.0 <= runs["amp_b4"]["mask_agreement_with_fp32_same_recipe"] <= 1.0
+    assert data_out["smollm2_ppl_ratio_same_recipe"] == runs["amp_b4"]["ppl_ratio_to_fp32_same_recipe"]
+    ratio = data_out["smollm2_ppl_ratio_same_recipe"]
+    assert data_out["targets_met"]["smollm2_ppl_within_2pct"] is (ratio <= 1.02)
     assert _finite(part["dense"]["ppl"]) and part["calibration"]["n_samples"] == 8
     assert data_out["targets_met"]["smollm2_ppl_within_2pct"] in (True, False)
     assert torch.get_float32_matmul_precision() == "highest"
