@@ -31,7 +31,8 @@ would not fit, and a run that reaches the limit stops (its measured steps are ke
 mask is applied to the same fp32 dense weights and scored on the first ``--smollm2-eval-windows`` WikiText-2 windows;
 the first run is the reference for the speed-up, and every run is also compared with the fp32 run of the same
 micro-batch and optimizer (the same recipe: the same number of steps), which is what the 2 % perplexity target
-(``smollm2_ppl_ratio_same_recipe``) is measured against. ``smollm2_tokens_per_s`` is the run named by ``--smollm2-fast``.
+(``smollm2_ppl_ratio_same_recipe``) is measured against. ``smollm2_tokens_per_s`` is the run named by ``--smollm2-fast``;
+that setting is run once more without the callback (``--smollm2-baseline``): ``smollm2_callback_overhead_fraction``.
 
 The results file (default ``benchmarks/results/learn_scale_<gpu>.json``) carries the headline fields ``mfu``,
 ``budget_minutes``, ``peak_gpu_memory_gib``, ``callback_overhead_fraction`` (7B) and ``smollm2_tokens_per_s``, the
@@ -775,6 +776,35 @@ def part_smollm2(args) -> dict[str, Any]:
         release_memory()
         return {k: result[k] for k in ("ppl", "nll", "num_windows", "seq_len", "bos")}
 
+    def train(run: SmolRun, *, with_callback: bool) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
+        """One epoch over the windows in ``run``'s setting; the measurements and the masks (None without callback)."""
+        torch.set_float32_matmul_precision(run.matmul_precision)
+        model = copy.deepcopy(base).to(device=args.device, dtype=run.weight_dtype)
+        steps_per_epoch = math.ceil(len(data) / run.batch_size)
+        result, callback = train_once(
+            model,
+            data,
+            copy.deepcopy(config),
+            with_callback=with_callback,
+            batch_size=run.batch_size,
+            gradient_checkpointing=False,
+            optim=run.optim,
+            learning_rate=lr,
+            max_steps=-1,
+            amp=run.amp,
+            device=args.device,
+            logging_steps=args.logging_steps,
+            warmup_steps=max(1, min(10, steps_per_epoch // 5)),
+            deadline=None,
+            seed=args.seed,
+            compile_model=args.compile,
+            log_statistics=args.telemetry == "on",
+        )
+        masks = {k: v.cpu() for k, v in callback.masks.items()} if callback is not None else None
+        del model, callback
+        release_memory()
+        return result, masks
+
     dense = evaluate(None)
     emit({"part": "smollm2", "run": "dense", "wikitext2_ppl": dense["ppl"]})
     records: list[dict[str, Any]] = []
@@ -787,31 +817,7 @@ def part_smollm2(args) -> dict[str, Any]:
             "matmul_precision": run.matmul_precision,
         }
         try:
-            torch.set_float32_matmul_precision(run.matmul_precision)
-            model = copy.deepcopy(base).to(device=args.device, dtype=run.weight_dtype)
-            steps_per_epoch = math.ceil(len(data) / run.batch_size)
-            result, callback = train_once(
-                model,
-                data,
-                copy.deepcopy(config),
-                with_callback=True,
-                batch_size=run.batch_size,
-                gradient_checkpointing=False,
-                optim=run.optim,
-                learning_rate=lr,
-                max_steps=-1,
-                amp=run.amp,
-                device=args.device,
-                logging_steps=args.logging_steps,
-                warmup_steps=max(1, min(10, steps_per_epoch // 5)),
-                deadline=None,
-                seed=args.seed,
-                compile_model=args.compile,
-                log_statistics=args.telemetry == "on",
-            )
-            masks = {k: v.cpu() for k, v in callback.masks.items()}
-            del model, callback
-            release_memory()
+            result, masks = train(run, with_callback=True)
             record.update(result)
             record["wikitext2"] = evaluate(masks)
             record["status"] = "ok"
@@ -863,9 +869,23 @@ def part_smollm2(args) -> dict[str, Any]:
                 "mask_agreement_with_reference": record.get("mask_agreement_with_reference"),
             }
         )
-    torch.set_float32_matmul_precision("highest")
     fast = next(r for r in records if r["name"] == args.smollm2_fast)
+    baseline = None
+    if args.smollm2_baseline == "on" and fast.get("status") == "ok":
+        # the fast setting fine-tuned without the callback (same frozen parameters): what the callback costs a step
+        try:
+            baseline, _ = train(next(r for r in runs if r.name == fast["name"]), with_callback=False)
+            baseline["status"] = "ok"
+        except Exception as exc:  # noqa: BLE001
+            baseline = {"status": "error", "error": f"{type(exc).__name__}: {exc}"[:500]}
+        emit(
+            {"part": "smollm2", "run": f"{fast['name']} without callback", **_brief(baseline, args.peak_tflops * 1e12)}
+        )
+    torch.set_float32_matmul_precision("highest")
     reference = records[0]
+    overhead = None
+    if baseline is not None and baseline.get("step_s_mean") and fast.get("step_s_mean"):
+        overhead = fast["step_s_mean"] / baseline["step_s_mean"] - 1.0
     return {
         "model": os.path.basename(model_path),
         "calibration": {
@@ -880,6 +900,7 @@ def part_smollm2(args) -> dict[str, Any]:
         "evaluation": {"dataset": "wikitext2", **eval_kwargs},
         "dense": dense,
         "runs": records,
+        "without_callback": baseline,
         "reference": reference["name"],
         "fast": fast["name"],
         "part_wall_s": time.perf_counter() - t0,
@@ -893,8 +914,10 @@ def part_smollm2(args) -> dict[str, Any]:
             "smollm2_ppl_ratio": fast.get("ppl_ratio_to_reference"),
             "smollm2_fp32_same_recipe": fast.get("fp32_same_recipe"),
             "smollm2_ppl_ratio_same_recipe": fast.get("ppl_ratio_to_fp32_same_recipe"),
+            "smollm2_callback_overhead_fraction": overhead,
         },
-        "errors": [r["name"] for r in records if r.get("status") != "ok"],
+        "errors": [r["name"] for r in records if r.get("status") != "ok"]
+        + ([f"{fast['name']} without callback"] if baseline is not None and baseline.get("status") != "ok" else []),
     }
 
 
@@ -1017,6 +1040,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="PRECISION_bBATCH[_OPTIM], first = reference; each run is also compared with the fp32 run of its batch",
     )
     s.add_argument("--smollm2-fast", default="amp_b16", help="the run reported as smollm2_tokens_per_s")
+    s.add_argument(
+        "--smollm2-baseline",
+        choices=["on", "off"],
+        default="on",
+        help="also run the --smollm2-fast setting without the callback (its overhead)",
+    )
     s.add_argument("--smollm2-samples", type=int, default=400)
     s.add_argument("--smollm2-seq-len", type=int, default=1024)
     s.add_argument("--smollm2-eval-windows", type=int, default=32)

@@ -186,6 +186,12 @@ def test_smollm2_path_learns_each_setting_and_scores_every_mask(tmp_path, monkey
     assert data_out["smollm2_ppl_ratio_same_recipe"] == runs["amp_b4"]["ppl_ratio_to_fp32_same_recipe"]
     ratio = data_out["smollm2_ppl_ratio_same_recipe"]
     assert data_out["targets_met"]["smollm2_ppl_within_2pct"] is (ratio <= 1.02)
+    # the fast setting again without the callback: the callback's cost per step
+    assert part["without_callback"]["status"] == "ok" and part["without_callback"]["with_callback"] is False
+    assert part["without_callback"]["batch_size"] == 4 and part["without_callback"]["steps"] == 2
+    assert data_out["smollm2_callback_overhead_fraction"] == pytest.approx(
+        runs["amp_b4"]["step_s_mean"] / part["without_callback"]["step_s_mean"] - 1.0
+    )
     assert _finite(part["dense"]["ppl"]) and part["calibration"]["n_samples"] == 8
     assert data_out["targets_met"]["smollm2_ppl_within_2pct"] in (True, False)
     assert torch.get_float32_matmul_precision() == "highest"
