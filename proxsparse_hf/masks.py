@@ -22,6 +22,7 @@ from .utils import save_safetensors_atomic
 __all__ = [
     "apply_2to4_masks",
     "count_mask_flips",
+    "group_codes",
     "mask_flips",
     "extract_2to4_masks",
     "fraction_2to4_groups",
@@ -77,10 +78,21 @@ def count_mask_flips(previous: torch.Tensor, current: torch.Tensor) -> int:
 
 
 def mask_flips(previous: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
-    """:func:`count_mask_flips` as a 0-d tensor on the masks' device (no host synchronisation)."""
+    """:func:`count_mask_flips` as a 0-d tensor on the masks' device (no host synchronisation). Either side may also be
+    the :func:`group_codes` of a mask."""
     if previous.shape != current.shape:
         raise ValueError(f"Mask shapes differ: {tuple(previous.shape)} vs {tuple(current.shape)}.")
-    return (weight_groups(previous) != weight_groups(current)).any(dim=1).sum()
+    if previous.dtype == torch.uint8:  # codes: one per group already
+        return (previous != current).sum()
+    return (group_codes(previous) != group_codes(current)).sum()
+
+
+def group_codes(mask: torch.Tensor) -> torch.Tensor:
+    """One byte per group of 4 (bit ``i`` set when position ``i`` is kept): a quarter of a boolean mask's memory, and two
+    masks keep the same positions in a group exactly when their codes are equal. Shape ``[numel / 4]``."""
+    groups = weight_groups(mask.detach())
+    bits = torch.tensor([1, 2, 4, 8], dtype=torch.uint8, device=groups.device)
+    return (groups.to(torch.uint8) * bits).sum(dim=1, dtype=torch.uint8)
 
 
 def _state_dict_targets(state_dict: Mapping[str, torch.Tensor], config) -> dict[str, bool]:

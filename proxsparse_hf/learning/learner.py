@@ -26,7 +26,7 @@ from torch import nn
 
 from ..config import ProxSparseConfig
 from ..loading import input_device
-from ..masks import apply_2to4_masks, extract_2to4_masks, mask_2to4, mask_flips
+from ..masks import apply_2to4_masks, extract_2to4_masks, group_codes, mask_2to4, mask_flips
 from ..targets import Target
 from . import checkpoint
 from .checkpoint import INPUT_NORMS_NAME, SNAPSHOT_NAME
@@ -116,7 +116,7 @@ class MaskLearner:
         if config.step_scaling == "weight_rms":
             self.weight_rms = global_rms(self.shards, self.original, self.sharded)
             self._relative_step = RelativeStep(self.shards, self.weight_rms)
-        self._last_masks: dict[str, torch.Tensor] | None = None
+        self._last_masks: dict[str, torch.Tensor] | None = None  # group_codes() of the previous statistics' masks
         self._prox_batch: Prox2to4Batch | None = None  # built at the first prox step, rebuilt if weights move
         if input_norms is not None:
             self.set_input_norms(input_norms)
@@ -303,9 +303,9 @@ class MaskLearner:
             nonzero = (view.reshape(-1, 4) != 0).sum(dim=1)
             scores = self._scores(s, view)
             original = self.original[s.name].to(weight.device, non_blocking=True)
-            mask = mask_2to4(scores)
+            codes = group_codes(mask_2to4(scores))  # the kept positions of every group, a byte each
             flips = (
-                mask_flips(self._last_masks[s.name], mask) if self._last_masks is not None else nonzero.new_zeros(())
+                mask_flips(self._last_masks[s.name], codes) if self._last_masks is not None else nonzero.new_zeros(())
             )
             row = torch.stack(
                 [
@@ -321,7 +321,7 @@ class MaskLearner:
             if self.sharded:
                 row = row / s.replication
             sums[weight.device] = row if weight.device not in sums else sums[weight.device] + row
-            masks[s.name] = mask
+            masks[s.name] = codes
         total = [0.0] * 6
         for row in sums.values():
             total = [a + b for a, b in zip(total, row.tolist())]
