@@ -40,6 +40,7 @@ from proxsparse_hf.data import load_calibration_data  # noqa: E402
 from proxsparse_hf.evaluation import load_comparison, save_comparison  # noqa: E402
 from proxsparse_hf.evaluation.compare import MethodRun, comparison_markdown, run_comparison  # noqa: E402
 from proxsparse_hf.loading import load_model_and_tokenizer  # noqa: E402
+from proxsparse_hf.paths import scrub_local_paths  # noqa: E402
 from proxsparse_hf.pruners import get_pruner  # noqa: E402
 from proxsparse_hf.utils import atomic_write_text, describe_hardware, library_versions  # noqa: E402
 
@@ -144,6 +145,12 @@ def permutation_notes(rows) -> str:
     return "\nChannel permutation (o_proj, down_proj):\n\n" + "\n".join(lines) + "\n" if lines else ""
 
 
+def write_table(output: str, rows, command: str | None) -> str:
+    """The markdown table beside the results file ``output``: every run, the permutation notes, the command."""
+    text = comparison_markdown(rows) + permutation_notes(rows) + (f"\nCommand: `{command}`\n" if command else "")
+    return atomic_write_text(os.path.splitext(output)[0] + ".md", text)
+
+
 def mask_only(run: MethodRun) -> bool:
     """A mask alone reproduces the run: its method keeps the surviving weights (or was told to) and no channel
     permutation changed them."""
@@ -164,8 +171,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=None, help="override the experiment's model (path or Hub id)")
     parser.add_argument("--save-masks", default=None, help="folder for each mask-only run's mask adapter")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--table-only", action="store_true", help="rewrite the .md table from --output's rows; run nothing"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.table_only:
+        if not os.path.isfile(args.output):
+            parser.error(f"--table-only needs an existing --output; {args.output!r} does not exist")
+        with open(args.output, encoding="utf-8") as fh:
+            meta = json.load(fh)
+        write_table(args.output, load_comparison(meta), meta.get("command"))
+        return 0
 
     with open(args.experiment, encoding="utf-8") as fh:
         exp = json.load(fh)
@@ -183,8 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     kept = [r for r in load_comparison(args.output) if r.label not in wanted] if os.path.isfile(args.output) else []
     smoke = args.max_steps is not None or args.max_windows is not None or args.n_samples is not None
     done = []
-    command = "python benchmarks/quality.py " + " ".join(
-        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
+    command = scrub_local_paths(  # as the results file records it: local paths reduced to their names
+        "python benchmarks/quality.py "
+        + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     )
     hardware, versions = describe_hardware(), library_versions()
 
@@ -221,10 +239,7 @@ def main(argv: list[str] | None = None) -> int:
             hardware=hardware,
             versions=versions,
         )
-        atomic_write_text(
-            os.path.splitext(args.output)[0] + ".md",
-            comparison_markdown(rows) + permutation_notes(rows) + f"\nCommand: `{command}`\n",
-        )
+        write_table(args.output, rows, command)
 
     run_comparison(
         model,

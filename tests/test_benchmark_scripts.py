@@ -246,7 +246,13 @@ def test_quality_scripts_run_through_the_comparison_runner(tmp_path, capsys):
         "--max-steps 2 --device cpu"
     )
     assert meta["hardware"]["cpu_count"] >= 1 and meta["versions"]["torch"] == torch.__version__
-    assert "Command: `python benchmarks/quality.py " in (tmp_path / "quality.md").read_text()
+    table = (tmp_path / "quality.md").read_text()
+    assert f"Command: `{meta['command']}`" in table and str(tmp_path) not in table
+    (tmp_path / "quality.md").unlink()  # --table-only rebuilds it from the results file alone
+    assert _load("quality").main([str(experiment), "--output", str(out), "--table-only"]) == 0
+    assert (tmp_path / "quality.md").read_text() == table
+    with pytest.raises(SystemExit):
+        _load("quality").main([str(experiment), "--output", str(tmp_path / "none.json"), "--table-only"])
 
     # re-running one run keeps the others
     assert _load("quality").main([*argv[:3], "--runs", "dense", "--device", "cpu"]) == 0
