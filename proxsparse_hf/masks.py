@@ -78,12 +78,9 @@ def count_mask_flips(previous: torch.Tensor, current: torch.Tensor) -> int:
 
 
 def mask_flips(previous: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
-    """:func:`count_mask_flips` as a 0-d tensor on the masks' device (no host synchronisation). Either side may also be
-    the :func:`group_codes` of a mask."""
+    """:func:`count_mask_flips` as a 0-d tensor on the masks' device (no host synchronisation)."""
     if previous.shape != current.shape:
         raise ValueError(f"Mask shapes differ: {tuple(previous.shape)} vs {tuple(current.shape)}.")
-    if previous.dtype == torch.uint8:  # codes: one per group already
-        return (previous != current).sum()
     return (group_codes(previous) != group_codes(current)).sum()
 
 

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..config import ProxSparseConfig
 from ..loading import input_device
-from ..masks import apply_2to4_masks, extract_2to4_masks, group_codes, mask_2to4, mask_flips
+from ..masks import apply_2to4_masks, extract_2to4_masks, group_codes, mask_2to4
 from ..targets import Target
 from . import checkpoint
 from .checkpoint import INPUT_NORMS_NAME, SNAPSHOT_NAME
@@ -294,7 +294,8 @@ class MaskLearner:
         support changed since the previous call; ``proxsparse/regularizer``: Σ R(w_g); ``proxsparse/dist_to_original``:
         mean |W − W0|; ``proxsparse/lambda_scale_mean``: mean per-layer multiplier of λ1.
         """
-        # per device: [groups, ok, flips, regulariser, Σ|W − W0|, numel] accumulated there, read with one sync each
+        # sizes are known here; [ok, flips, regulariser, Σ|W − W0|] accumulate per device, read with one sync each
+        groups = numel = 0.0
         sums: dict[torch.device, torch.Tensor] = {}
         masks: dict[str, torch.Tensor] = {}
         for s in self.shards.values():
@@ -305,27 +306,24 @@ class MaskLearner:
             original = self.original[s.name].to(weight.device, non_blocking=True)
             codes = group_codes(mask_2to4(scores))  # the kept positions of every group, a byte each
             flips = (
-                mask_flips(self._last_masks[s.name], codes) if self._last_masks is not None else nonzero.new_zeros(())
+                (self._last_masks[s.name] != codes).sum() if self._last_masks is not None else nonzero.new_zeros(())
             )
             row = torch.stack(
                 [
-                    torch.tensor(float(nonzero.numel()), dtype=torch.float64, device=weight.device),
                     (nonzero <= 2).sum().double(),
                     flips.double(),
                     regularizer_2to4(scores).double(),
                     (weight.float() - original.float()).abs().sum().double(),
-                    torch.tensor(float(weight.numel()), dtype=torch.float64, device=weight.device),
                 ]
             )
             # a sharded weight's counts are summed over ranks below; replicated copies count once in total
-            if self.sharded:
-                row = row / s.replication
-            sums[weight.device] = row if weight.device not in sums else sums[weight.device] + row
+            scale = 1.0 / s.replication if self.sharded else 1.0
+            groups += scale * nonzero.numel()
+            numel += scale * weight.numel()
+            sums[weight.device] = sums.get(weight.device, 0.0) + scale * row
             masks[s.name] = codes
-        total = [0.0] * 6
-        for row in sums.values():
-            total = [a + b for a, b in zip(total, row.tolist())]
-        groups, ok, flips, reg, dist_sum, numel = total
+        per_device = [row.tolist() for row in sums.values()]
+        ok, flips, reg, dist_sum = (sum(column) for column in zip(*per_device, [0.0] * 4))
         if self.sharded:
             groups, ok, flips, reg, dist_sum, numel = all_reduce_sums([groups, ok, flips, reg, dist_sum, numel])
         groups, ok, flips = round(groups), round(ok), round(flips)
