@@ -190,6 +190,12 @@ def load_invocation_data(inv: LearnInvocation, tokenizer: Any, n_samples: int | 
     )
 
 
+def experiment_flags(exp: Mapping[str, Any], args: argparse.Namespace) -> list[str]:
+    """The experiment's ``learn_flags``, then ``--learn-flags`` (a shell-quoted string; a flag given twice, the later
+    wins, as on the CLI): one experiment file serves a recipe check such as ``--learn-flags "--lambda2 1e-3"``."""
+    return [*exp.get("learn_flags", []), *shlex.split(args.learn_flags or "")]
+
+
 def smoke_flags(args: argparse.Namespace, *, with_samples: bool = True) -> list[str]:
     """CLI flags that shrink the learned runs for a smoke test (``--seq-len``, ``--n-samples``, ``--max-steps``
     with ``--logging-steps 1``), and ``--device cpu`` on a CPU run."""
@@ -395,7 +401,7 @@ def run_invariance(args: argparse.Namespace) -> int:
     runs = select_runs(exp["runs"], args.runs, args.with_optional)
     started = time.perf_counter()
     smoke = bool(args.tiny or args.max_steps or args.max_windows or args.n_samples or args.seq_len)
-    inv = learn_invocation(args.model or exp["model"], [*exp.get("learn_flags", []), *smoke_flags(args)])
+    inv = learn_invocation(args.model or exp["model"], [*experiment_flags(exp, args), *smoke_flags(args)])
     model, tokenizer, model_name = load_model(exp, args, inv.args.dtype)
     calib = load_invocation_data(inv, tokenizer)
     calib_spec = inv.data_spec()
@@ -527,6 +533,77 @@ def run_merge(args: argparse.Namespace) -> int:
     )
     print(os.path.splitext(args.output)[0] + ".md")
     _try_chart(lambda: plot_invariance(load_comparison(args.output), os.path.splitext(args.output)[0] + ".png"))
+    return 0
+
+
+def sweep_rows(paths: Sequence[str]) -> list[dict[str, Any]]:
+    """One row per learned run of the given ``invariance`` / ``budget`` result files: the file, the run, the learning
+    flags beyond the experiment's (``--learn-flags``), the learning rate, batch, steps, tokens and perplexities."""
+    rows = []
+    for path in paths:
+        results, meta = read_previous(path)
+        if not meta:
+            raise SystemExit(f"{path} does not exist")
+        base = [str(f) for f in meta.get("experiment", {}).get("learn_flags", [])]
+        inv = meta.get("learn_invocation") or {}
+        words = shlex.split(inv.get("command", ""))[3:-2]  # after `proxsparse learn MODEL`, before `--output-dir OUT`
+        extra = words[len(base) :] if words[: len(base)] == base else words
+        for r in results:
+            mc = r.method_config
+            if "proxsparse_config" not in mc and "training" not in mc:
+                continue  # dense and one-shot rows
+            training = mc.get("training", {})
+            budget = mc.get("budget", {})
+            rows.append(
+                {
+                    "file": os.path.splitext(os.path.basename(path))[0],
+                    "run": r.label,
+                    "flags": " ".join(extra),
+                    "learning_rate": mc.get("learning_rate") or budget.get("learning_rate"),
+                    "batch": training.get("per_device_train_batch_size"),
+                    "steps": budget.get("steps"),
+                    "tokens": budget.get("tokens") or (mc.get("calibration") or {}).get("tokens"),
+                    "ppl": {d: r.ppl(d) for d in r.perplexity},
+                }
+            )
+    return rows
+
+
+def sweep_markdown(rows: Sequence[Mapping[str, Any]], title: str, note: str = "") -> str:
+    """The rows of :func:`sweep_rows` as one markdown table."""
+    datasets = list(dict.fromkeys(d for row in rows for d in row["ppl"]))
+    head = [
+        "file",
+        "run",
+        "extra learn flags",
+        "lr",
+        "batch",
+        "steps",
+        "tokens",
+        *(DATASET_TITLES.get(d, d) for d in datasets),
+    ]
+    lines = [f"# {title}", "", *([note, ""] if note else []), "| " + " | ".join(head) + " |"]
+    lines.append("|" + "---|" * 3 + "---:|" * (len(head) - 3))
+    for row in rows:
+        cells = [
+            row["file"],
+            row["run"],
+            f"`{row['flags']}`" if row["flags"] else "–",
+            f"{row['learning_rate']:g}" if row["learning_rate"] else "–",
+            str(row["batch"] or "–"),
+            str(row["steps"] or "–"),
+            f"{row['tokens']:,}" if row["tokens"] else "–",
+            *(f"{row['ppl'][d]:.2f}" if d in row["ppl"] else "–" for d in datasets),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    rows = sweep_rows(args.parts)
+    text = sweep_markdown(rows, args.title, args.note)
+    atomic_write_text(args.output, text)
+    print(text)
     return 0
 
 
@@ -717,7 +794,7 @@ def run_budget(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     smoke = bool(args.tiny or args.max_steps or args.max_windows or args.seq_len)
     inv = learn_invocation(
-        args.model or exp["model"], [*exp.get("learn_flags", []), *smoke_flags(args, with_samples=False)]
+        args.model or exp["model"], [*experiment_flags(exp, args), *smoke_flags(args, with_samples=False)]
     )
     plan = budget_plan(budgets, inv.args.seq_len, inv.windows_per_step)
     model, tokenizer, model_name = load_model(exp, args, inv.args.dtype)
@@ -1000,6 +1077,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--tiny", action="store_true", help="tiny random Llama + byte tokenizer, shrunk runs (smoke test)"
         )
+        p.add_argument(
+            "--learn-flags",
+            default=None,
+            help='extra `proxsparse learn` flags after the experiment\'s, e.g. "--lambda2 1e-3 --lr 0.02" (recorded)',
+        )
         p.add_argument("--seq-len", type=int, default=None, help="calibration and evaluation window (smoke tests)")
         p.add_argument("--max-steps", type=int, default=None, help="cap learned runs' steps (smoke tests)")
         p.add_argument("--max-windows", type=int, default=None, help="cap evaluation windows (smoke tests)")
@@ -1013,6 +1095,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge", help="combine invariance result files (e.g. one process per variant)")
     p.add_argument("parts", nargs="+", help="result JSONs of `invariance`")
     p.add_argument("--output", required=True, help="merged result JSON (+ .md, and .png with matplotlib)")
+    p = sub.add_parser("sweep", help="one markdown table of the learned runs of several result files (CPU)")
+    p.add_argument("parts", nargs="+", help="result JSONs of `invariance` / `budget` (e.g. one per --learn-flags)")
+    p.add_argument("--output", required=True, help="markdown file")
+    p.add_argument("--title", default="Recipe sweep", help="the table's heading")
+    p.add_argument("--note", default="", help="a paragraph under the heading (conditions, caveats)")
     p = sub.add_parser("plot", help="charts and tables from result files (CPU)")
     p.add_argument("--budget", default=None, help="result JSON of `budget`")
     p.add_argument("--transfer", default=None, help="result JSON of `invariance`")
@@ -1025,6 +1112,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.command == "merge":
         return run_merge(args)
+    if args.command == "sweep":
+        return run_sweep(args)
     if args.command == "plot":
         if not (args.budget or args.transfer):
             raise SystemExit("plot needs --budget and/or --transfer")

@@ -79,7 +79,7 @@ def main() -> None:
             output_dir=os.path.join(args.output_dir + ".trainer"),
             learning_rate=args.lr or recipe_learning_rate(config),
             num_train_epochs=1,
-            per_device_train_batch_size=1,
+            per_device_train_batch_size=2,  # the recipe's batch (learn_mask and the CLI default)
             **warmup_arguments(0.1),
             lr_scheduler_type="linear",
             max_grad_norm=0.0 if config.step_scaling == "weight_rms" else 1.0,  # relative steps: no global clip

@@ -184,8 +184,9 @@ class ProxSparseConfig:
     def recommended(cls, **overrides: Any) -> ProxSparseConfig:
         """The recommended recipe: ``importance="activation"``, ``lambda_scaling="weight_scale"``, ``lambda1=0.03``,
         ``step_scaling="weight_rms"``; train it with the *relative* learning rate ``RECIPES["recommended"]
-        ["learning_rate"]`` (a step relative to each layer's RMS(W0)), 10 % warm-up and no global gradient clipping
-        (``learn_mask`` and the CLI set both). Measured in ``benchmarks/results/quality_smollm2_h200.md``."""
+        ["learning_rate"]`` (a step relative to each layer's RMS(W0)), batches of 2 windows, 10 % warm-up and no
+        global gradient clipping (the defaults of ``learn_mask`` and the CLI). Chosen in
+        ``benchmarks/results/recipe_sweep_smollm2_h200/README.md`` (see docs/quality.md)."""
         return cls.from_recipe("recommended", **overrides)
 
     def __post_init__(self) -> None:

@@ -60,7 +60,7 @@ def test_learn_writes_the_output_folder(tiny_setup, capsys):
     tmp, original = tiny_setup
     assert _learn(tmp) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert summary["steps"] == 8 and summary["layers_2to4"] == summary["target_layers"] == 14
+    assert summary["steps"] == 4 and summary["layers_2to4"] == summary["target_layers"] == 14
     out = tmp / "out"
     for name in (
         CONFIG_NAME,
@@ -104,7 +104,7 @@ def test_learn_fewer_steps_than_logging_steps_still_reports_a_loss_and_uses_the_
     tmp, _ = tiny_setup
     previous = os.umask(0o022)
     try:
-        assert _learn(tmp, "--n-samples", "2", "--logging-steps", "50") == 0
+        assert _learn(tmp, "--n-samples", "4", "--logging-steps", "50") == 0
     finally:
         os.umask(previous)
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

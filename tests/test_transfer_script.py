@@ -99,6 +99,20 @@ def test_the_default_invocation_has_no_tuning_flags(script):
         script.learn_invocation("model", ["--dataset", "c4", "--fsdp"])
 
 
+def test_learn_flags_are_appended_after_the_experiments_and_win(script):
+    exp = json.loads(BUDGET_CONFIG.read_text())
+    args = script.build_parser().parse_args(
+        ["budget", str(BUDGET_CONFIG), "--output", "o.json", "--learn-flags", "--lambda2 1e-3 --batch-size 64"]
+    )
+    flags = script.experiment_flags(exp, args)
+    assert flags == [*exp["learn_flags"], "--lambda2", "1e-3", "--batch-size", "64"]
+    inv = script.learn_invocation("model", flags)
+    assert inv.config.lambda2 == pytest.approx(1e-3) and inv.windows_per_step == 64  # the later --batch-size wins
+    assert "--lambda2 1e-3" in inv.to_dict()["command"]  # recorded with the results
+    plain = script.build_parser().parse_args(["budget", str(BUDGET_CONFIG), "--output", "o.json"])
+    assert script.experiment_flags(exp, plain) == exp["learn_flags"]
+
+
 # ------------------------------------------------------------------------------------------------ variants
 def test_mix_factors_are_log_uniform_per_projection_and_seeded(script):
     model = tiny_model("llama")
@@ -268,3 +282,21 @@ def test_budget_end_to_end_and_plots(script, data_dir, tmp_path):
     assert script.main(["plot", "--budget", str(out), "--transfer", str(transfer)]) == 0
     for name in ("budget.png", "budget_telemetry.png", "budget.md", "transfer.md", "transfer.png"):
         assert (tmp_path / name).stat().st_size > 0
+    # one table of the learned runs of several files, with the flags a file added beyond its experiment's
+    flagged = tmp_path / "flagged.json"
+    argv = [*argv[:4], "1k", "--output", str(flagged), "--device", "cpu", "--learn-flags", "--lr 0.02"]
+    assert script.main(argv) == 0
+    sweep = tmp_path / "sweep.md"
+    assert script.main(["sweep", str(out), str(flagged), str(transfer), "--output", str(sweep), "--note", "n"]) == 0
+    rows = script.sweep_rows([str(out), str(flagged), str(transfer)])
+    smoke = "--seq-len 64 --max-steps 2 --logging-steps 1 --device cpu"  # --tiny's flags, beyond the experiment's too
+    assert [(r["file"], r["run"], r["flags"]) for r in rows] == [
+        ("budget", "1k", smoke),
+        ("budget", "4k", smoke),
+        ("flagged", "1k", f"--lr 0.02 {smoke}"),
+    ]  # dense and one-shot rows are left out
+    assert rows[2]["learning_rate"] == pytest.approx(0.02) and rows[0]["batch"] == 16 and rows[0]["steps"] == 2
+    table = sweep.read_text()
+    assert f"| flagged | 1k | `--lr 0.02 {smoke}` | 0.02 | 16 | 2 | 2,048 |" in table and table.startswith(
+        "# Recipe sweep\n\nn\n"
+    )

@@ -133,7 +133,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     train.add_argument(
         "--max-steps", type=int, default=-1, help="Stop after this many optimizer steps (default -1: use --epochs)"
     )
-    train.add_argument("--batch-size", type=int, default=1, help="Windows per device per step (default 1)")
+    train.add_argument("--batch-size", type=int, default=2, help="Windows per device per step (default 2)")
     train.add_argument("--grad-accum", type=int, default=1, help="Gradient accumulation steps (default 1)")
     train.add_argument(
         "--warmup-ratio", type=float, default=0.1, help="Fraction of the steps spent warming up the lr (default 0.1)"

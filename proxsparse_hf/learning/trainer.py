@@ -73,7 +73,7 @@ def learn_mask(
     learning_rate: float | None = None,
     num_train_epochs: float = 1.0,
     max_steps: int = -1,
-    per_device_train_batch_size: int = 1,
+    per_device_train_batch_size: int = 2,
     gradient_accumulation_steps: int = 1,
     warmup_ratio: float = 0.1,
     weight_decay: float = 0.0,
