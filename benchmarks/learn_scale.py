@@ -1097,7 +1097,9 @@ def main(argv: list[str] | None = None) -> int:
         results["smollm2"] = part
         results.update(part["headline"])
         commands["smollm2"] = command
-    results["commands"] = commands
+    from proxsparse_hf.paths import scrub_local_paths
+
+    results["commands"] = scrub_local_paths(commands)  # model and output paths by their portable names
     results["targets"] = TARGETS
     results["targets_met"] = targets_met(results)
     from proxsparse_hf.utils import atomic_write_json

@@ -62,6 +62,7 @@ sys.path.insert(0, REPO)
 from benchmarks._shared import resolve_source  # noqa: E402
 from proxsparse_hf.evaluation import EvalResults, load_comparison, save_comparison  # noqa: E402
 from proxsparse_hf.evaluation.compare import MethodRun, run_comparison  # noqa: E402
+from proxsparse_hf.paths import scrub_local_paths  # noqa: E402
 from proxsparse_hf.pruners import get_pruner  # noqa: E402
 from proxsparse_hf.utils import atomic_write_text, describe_hardware, library_versions  # noqa: E402
 
@@ -497,7 +498,7 @@ def write_invariance(
     ordered = sorted(rows, key=lambda r: labels.index(r.label) if r.label in labels else len(labels))
     summary = invariance_summary(ordered, exp)
     save_comparison(path, ordered, model=model_name, experiment=exp, commands=commands, invariance=summary, **meta)
-    text = invariance_markdown(ordered, exp, summary, model_name, commands)
+    text = invariance_markdown(ordered, exp, summary, model_name, scrub_local_paths(commands))  # as the JSON has them
     atomic_write_text(os.path.splitext(path)[0] + ".md", text)
 
 
@@ -838,7 +839,8 @@ def run_budget(args: argparse.Namespace) -> int:
             wall_time_s=time.perf_counter() - started,
             smoke_test=smoke or bool(meta.get("smoke_test")),
         )
-        atomic_write_text(os.path.splitext(args.output)[0] + ".md", budget_markdown(ordered, model_name, commands))
+        table = budget_markdown(ordered, model_name, scrub_local_paths(commands))  # the commands as the JSON has them
+        atomic_write_text(os.path.splitext(args.output)[0] + ".md", table)
 
     if exp.get("dense", True) and not (args.skip_done and "dense" in by_label):
         (result,) = run_comparison(

@@ -42,7 +42,8 @@ def test_7b_path_on_a_tiny_llama_writes_every_headline_field(tmp_path, capsys):
         assert _finite(data[key]), key
     assert data["peak_gpu_memory_gib"] is None  # no GPU here
     assert data["budget_tokens"] == 400 * 32 and data["peak_flops"] == 989e12
-    assert data["commands"]["7b"].startswith("python benchmarks/learn_scale.py --part 7b --tiny")
+    assert data["commands"]["7b"].startswith("python learn_scale.py --part 7b --tiny")  # paths by portable names
+    assert str(tmp_path) not in data["commands"]["7b"] and "--output scale.json" in data["commands"]["7b"]
     assert data["hardware"]["gpu"] is None and "torch" in data["versions"]
     part = data["llama2_7b_shaped"]
     main, base = part["with_callback"], part["without_callback"]

@@ -251,9 +251,10 @@ def test_invariance_end_to_end_resume_and_deadline(script, data_dir, tmp_path):
     assert data["skipped"] == ["x5/sparsegpt", "x0.2/wanda", "x5/wanda"]
 
 
-def test_budget_end_to_end_and_plots(script, data_dir, tmp_path):
+def test_budget_end_to_end_and_plots(script, data_dir, tmp_path, monkeypatch):
     out = tmp_path / "budget.json"
     argv = ["budget", str(BUDGET_CONFIG), "--tiny", "--budgets", "1k,4k", "--output", str(out), "--device", "cpu"]
+    monkeypatch.setattr(sys, "argv", [str(BENCHMARKS / "recipe_transfer.py"), *argv])  # the recorded command line
     assert script.main(argv) == 0
     data = json.loads(out.read_text())
     assert [r["label"] for r in data["results"]] == ["dense", "1k", "4k"]
@@ -265,6 +266,9 @@ def test_budget_end_to_end_and_plots(script, data_dir, tmp_path):
     assert large["training"]["bf16"] is True and large["training"]["per_device_train_batch_size"] == 16
     assert large["calibration"]["dataset"] == "enwiki" and large["budget"]["tokens_per_s"] > 0
     assert "| 4k | 2,048 | 2 |" in (tmp_path / "budget.md").read_text()
+    assert (
+        str(tmp_path) not in (tmp_path / "budget.md").read_text()
+    )  # commands as the JSON records them: no local path
     # invariance in two parts (as parallel processes would), merged
     inv = ["invariance", str(TRANSFER_CONFIG), "--tiny", "--device", "cpu"]
     parts = [str(tmp_path / "part1.json"), str(tmp_path / "part2.json")]
@@ -277,6 +281,7 @@ def test_budget_end_to_end_and_plots(script, data_dir, tmp_path):
     assert set(merged["variants"]) == {"x1", "x5"} and len(merged["commands"]) == 3
     assert merged["invariance"]["dense_max_rel_diff"] < 1e-5 and merged["smoke_test"] is True
     assert (tmp_path / "transfer.md").read_text().count("\n    python ") == 3  # the commands of both parts and merge
+    assert str(tmp_path) not in (tmp_path / "part1.md").read_text() + (tmp_path / "transfer.md").read_text()
     for name in ("budget.png", "budget.md", "transfer.md", "transfer.png"):
         os.remove(tmp_path / name)
     assert script.main(["plot", "--budget", str(out), "--transfer", str(transfer)]) == 0
