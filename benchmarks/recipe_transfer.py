@@ -602,7 +602,8 @@ def sweep_markdown(rows: Sequence[Mapping[str, Any]], title: str, note: str = ""
 
 def run_sweep(args: argparse.Namespace) -> int:
     rows = sweep_rows(args.parts)
-    text = sweep_markdown(rows, args.title, args.note)
+    command = scrub_local_paths(command_line())  # as every result file records its command: no local path
+    text = sweep_markdown(rows, args.title, args.note) + f"\nCommand:\n\n    {command}\n"
     atomic_write_text(args.output, text)
     print(text)
     return 0

@@ -292,7 +292,9 @@ def test_budget_end_to_end_and_plots(script, data_dir, tmp_path, monkeypatch):
     argv = [*argv[:4], "1k", "--output", str(flagged), "--device", "cpu", "--learn-flags", "--lr 0.02"]
     assert script.main(argv) == 0
     sweep = tmp_path / "sweep.md"
-    assert script.main(["sweep", str(out), str(flagged), str(transfer), "--output", str(sweep), "--note", "n"]) == 0
+    sweep_argv = ["sweep", str(out), str(flagged), str(transfer), "--output", str(sweep), "--note", "n"]
+    monkeypatch.setattr(sys, "argv", [str(BENCHMARKS / "recipe_transfer.py"), *sweep_argv])
+    assert script.main(sweep_argv) == 0
     rows = script.sweep_rows([str(out), str(flagged), str(transfer)])
     smoke = "--seq-len 64 --max-steps 2 --logging-steps 1 --device cpu"  # --tiny's flags, beyond the experiment's too
     assert [(r["file"], r["run"], r["flags"]) for r in rows] == [
@@ -302,6 +304,7 @@ def test_budget_end_to_end_and_plots(script, data_dir, tmp_path, monkeypatch):
     ]  # dense and one-shot rows are left out
     assert rows[2]["learning_rate"] == pytest.approx(0.02) and rows[0]["batch"] == 16 and rows[0]["steps"] == 2
     table = sweep.read_text()
+    assert table.rstrip().endswith("--note n") and "\nCommand:\n\n    python recipe_transfer.py sweep " in table
     assert f"| flagged | 1k | `--lr 0.02 {smoke}` | 0.02 | 16 | 2 | 2,048 |" in table and table.startswith(
         "# Recipe sweep\n\nn\n"
     )
