@@ -1,11 +1,25 @@
-"""What the benchmark scripts share: where the real model and the shared data live."""
+"""What the benchmark scripts share: where the real model and the shared data live, and how a run's command line is
+recorded."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import shlex
+import sys
+from collections.abc import Sequence
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def recorded_command(script: str, argv: Sequence[str] | None = None) -> str:
+    """The command line a results file records: ``python benchmarks/SCRIPT ARGS`` (``argv``, else this process's
+    arguments) with local paths by their portable names (:func:`proxsparse_hf.paths.scrub_local_paths`)."""
+    from proxsparse_hf.paths import scrub_local_paths
+
+    words = ["python", os.path.relpath(script, REPO), *(sys.argv[1:] if argv is None else argv)]
+    return scrub_local_paths(" ".join(shlex.quote(str(w)) for w in words))
 
 
 def resolve_source(value: str) -> str:

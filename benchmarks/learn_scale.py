@@ -51,7 +51,6 @@ import logging
 import math
 import os
 import re
-import shlex
 import statistics
 import sys
 import tempfile
@@ -69,7 +68,7 @@ import torch  # noqa: E402
 from torch.utils.data import Dataset  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
-from benchmarks._shared import SMOLLM2_GGUF, resolve_source  # noqa: E402
+from benchmarks._shared import SMOLLM2_GGUF, recorded_command, resolve_source  # noqa: E402
 
 logger = logging.getLogger("learn_scale")
 
@@ -1080,9 +1079,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(output, encoding="utf-8") as fh:
             results = json.load(fh)
     commands = dict(results.get("commands", {}))
-    command = "python benchmarks/learn_scale.py " + " ".join(
-        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
-    )
+    command = recorded_command(__file__, argv)  # model and output paths by their portable names
     results.update({"benchmark": "learn_scale", "issue": 23, **_versions(), "peak_flops": args.peak_tflops * 1e12})
     results["peak_flops_note"] = (
         "dense bf16 tensor-core peak used for MFU (H100/H200 SXM datasheet unless --peak-tflops)"
@@ -1097,9 +1094,7 @@ def main(argv: list[str] | None = None) -> int:
         results["smollm2"] = part
         results.update(part["headline"])
         commands["smollm2"] = command
-    from proxsparse_hf.paths import scrub_local_paths
-
-    results["commands"] = scrub_local_paths(commands)  # model and output paths by their portable names
+    results["commands"] = commands
     results["targets"] = TARGETS
     results["targets_met"] = targets_met(results)
     from proxsparse_hf.utils import atomic_write_json

@@ -49,7 +49,7 @@ sys.path.insert(0, REPO)
 
 from benchmarks._shared import resolve_source  # noqa: E402
 from proxsparse_hf.data import load_calibration_data, load_texts, tokenize_windows  # noqa: E402
-from proxsparse_hf.evaluation import find_assets_dir, resolve_dataset  # noqa: E402
+from proxsparse_hf.evaluation import resolve_dataset  # noqa: E402
 from proxsparse_hf.evaluation.perplexity import window_nll  # noqa: E402
 from proxsparse_hf.loading import load_model_and_tokenizer  # noqa: E402
 from proxsparse_hf.masks import is_2to4  # noqa: E402
@@ -229,10 +229,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"peer_check: error: {exc}", file=sys.stderr)
             return 2
 
-    assets = find_assets_dir()
-    if assets is None:
-        raise FileNotFoundError("no data folder: set PROXSPARSE_DATA_DIR or place ../shared/assets/data")
-    c4_path = os.path.join(assets, "c4-validation-2k", "c4_validation_2k.jsonl")
+    c4_path = resolve_source("data:c4-validation-2k/c4_validation_2k.jsonl")
 
     base, tokenizer = load_model_and_tokenizer(resolve_source(args.model), dtype="float32", device="cpu")
     base.eval()

@@ -25,7 +25,6 @@ import argparse
 import json
 import logging
 import os
-import shlex
 import sys
 from typing import Any
 
@@ -34,13 +33,12 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from benchmarks._shared import resolve_source  # noqa: E402
+from benchmarks._shared import recorded_command, resolve_source  # noqa: E402
 from proxsparse_hf import ProxSparseConfig  # noqa: E402
 from proxsparse_hf.data import load_calibration_data  # noqa: E402
 from proxsparse_hf.evaluation import load_comparison, save_comparison  # noqa: E402
 from proxsparse_hf.evaluation.compare import MethodRun, comparison_markdown, run_comparison  # noqa: E402
 from proxsparse_hf.loading import load_model_and_tokenizer  # noqa: E402
-from proxsparse_hf.paths import scrub_local_paths  # noqa: E402
 from proxsparse_hf.pruners import get_pruner  # noqa: E402
 from proxsparse_hf.utils import atomic_write_text, describe_hardware, library_versions  # noqa: E402
 
@@ -200,10 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     kept = [r for r in load_comparison(args.output) if r.label not in wanted] if os.path.isfile(args.output) else []
     smoke = args.max_steps is not None or args.max_windows is not None or args.n_samples is not None
     done = []
-    command = scrub_local_paths(  # as the results file records it: local paths reduced to their names
-        "python benchmarks/quality.py "
-        + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    )
+    command = recorded_command(__file__, argv)
     hardware, versions = describe_hardware(), library_versions()
 
     def on_result(result) -> None:

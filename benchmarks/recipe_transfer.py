@@ -59,10 +59,9 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from benchmarks._shared import resolve_source  # noqa: E402
+from benchmarks._shared import recorded_command, resolve_source  # noqa: E402
 from proxsparse_hf.evaluation import EvalResults, load_comparison, save_comparison  # noqa: E402
 from proxsparse_hf.evaluation.compare import MethodRun, run_comparison  # noqa: E402
-from proxsparse_hf.paths import scrub_local_paths  # noqa: E402
 from proxsparse_hf.pruners import get_pruner  # noqa: E402
 from proxsparse_hf.utils import atomic_write_text, describe_hardware, library_versions  # noqa: E402
 
@@ -285,10 +284,6 @@ def read_previous(path: str) -> tuple[list[EvalResults], dict[str, Any]]:
     return load_comparison(meta), {k: v for k, v in meta.items() if k != "results"}
 
 
-def command_line() -> str:
-    return "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]])
-
-
 def windows_note(result: EvalResults) -> str:
     """``Perplexity: windows of 1024 tokens: wikitext2 297, c4 455 (all).``"""
     entries = result.perplexity
@@ -298,9 +293,9 @@ def windows_note(result: EvalResults) -> str:
     return f"Perplexity: windows of {seq_len} tokens: {counts} ({f'at most {capped}' if capped else 'all'})."
 
 
-def with_command(meta: Mapping[str, Any]) -> list[str]:
+def with_command(meta: Mapping[str, Any], command: str) -> list[str]:
     """The commands recorded in an earlier result file, then this one's (each once)."""
-    return list(dict.fromkeys([*meta.get("commands", []), command_line()]))
+    return list(dict.fromkeys([*meta.get("commands", []), command]))
 
 
 def _check_deadline(deadline: float | None, started: float, estimate: float | None, label: str) -> bool:
@@ -408,7 +403,7 @@ def run_invariance(args: argparse.Namespace) -> int:
     calib_spec = inv.data_spec()
     options = eval_options(exp, args)
     rows, meta = read_previous(args.output)
-    commands = with_command(meta)
+    commands = with_command(meta, args.command_line)
     by_label = {r.label: r for r in rows}
     variant_info: dict[str, Any] = dict(meta.get("variants", {}))
     original = snapshot(model)
@@ -498,7 +493,7 @@ def write_invariance(
     ordered = sorted(rows, key=lambda r: labels.index(r.label) if r.label in labels else len(labels))
     summary = invariance_summary(ordered, exp)
     save_comparison(path, ordered, model=model_name, experiment=exp, commands=commands, invariance=summary, **meta)
-    text = invariance_markdown(ordered, exp, summary, model_name, scrub_local_paths(commands))  # as the JSON has them
+    text = invariance_markdown(ordered, exp, summary, model_name, commands)
     atomic_write_text(os.path.splitext(path)[0] + ".md", text)
 
 
@@ -518,7 +513,7 @@ def run_merge(args: argparse.Namespace) -> int:
     for meta in metas:
         variants.update(meta.get("variants", {}))
     skipped = sorted({label for meta in metas for label in meta.get("skipped", [])} - set(by_label))
-    commands = [c for meta in metas for c in meta.get("commands", [])] + [command_line()]
+    commands = [c for meta in metas for c in meta.get("commands", [])] + [args.command_line]
     write_invariance(
         args.output,
         list(by_label.values()),
@@ -602,8 +597,7 @@ def sweep_markdown(rows: Sequence[Mapping[str, Any]], title: str, note: str = ""
 
 def run_sweep(args: argparse.Namespace) -> int:
     rows = sweep_rows(args.parts)
-    command = scrub_local_paths(command_line())  # as every result file records its command: no local path
-    text = sweep_markdown(rows, args.title, args.note) + f"\nCommand:\n\n    {command}\n"
+    text = sweep_markdown(rows, args.title, args.note) + f"\nCommand:\n\n    {args.command_line}\n"
     atomic_write_text(args.output, text)
     print(text)
     return 0
@@ -801,7 +795,7 @@ def run_budget(args: argparse.Namespace) -> int:
     plan = budget_plan(budgets, inv.args.seq_len, inv.windows_per_step)
     model, tokenizer, model_name = load_model(exp, args, inv.args.dtype)
     rows, meta = read_previous(args.output)
-    commands = with_command(meta)
+    commands = with_command(meta, args.command_line)
     by_label = {r.label: r for r in rows}
     options = eval_options(exp, args)
     todo = [p for p in plan if not (args.skip_done and p[0] in by_label)]
@@ -840,8 +834,7 @@ def run_budget(args: argparse.Namespace) -> int:
             wall_time_s=time.perf_counter() - started,
             smoke_test=smoke or bool(meta.get("smoke_test")),
         )
-        table = budget_markdown(ordered, model_name, scrub_local_paths(commands))  # the commands as the JSON has them
-        atomic_write_text(os.path.splitext(args.output)[0] + ".md", table)
+        atomic_write_text(os.path.splitext(args.output)[0] + ".md", budget_markdown(ordered, model_name, commands))
 
     if exp.get("dense", True) and not (args.skip_done and "dense" in by_label):
         (result,) = run_comparison(
@@ -1112,6 +1105,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.command_line = recorded_command(__file__, argv)  # what every file and table this run writes records
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.command == "merge":
         return run_merge(args)

@@ -251,10 +251,9 @@ def test_invariance_end_to_end_resume_and_deadline(script, data_dir, tmp_path):
     assert data["skipped"] == ["x5/sparsegpt", "x0.2/wanda", "x5/wanda"]
 
 
-def test_budget_end_to_end_and_plots(script, data_dir, tmp_path, monkeypatch):
+def test_budget_end_to_end_and_plots(script, data_dir, tmp_path):
     out = tmp_path / "budget.json"
     argv = ["budget", str(BUDGET_CONFIG), "--tiny", "--budgets", "1k,4k", "--output", str(out), "--device", "cpu"]
-    monkeypatch.setattr(sys, "argv", [str(BENCHMARKS / "recipe_transfer.py"), *argv])  # the recorded command line
     assert script.main(argv) == 0
     data = json.loads(out.read_text())
     assert [r["label"] for r in data["results"]] == ["dense", "1k", "4k"]
@@ -293,7 +292,6 @@ def test_budget_end_to_end_and_plots(script, data_dir, tmp_path, monkeypatch):
     assert script.main(argv) == 0
     sweep = tmp_path / "sweep.md"
     sweep_argv = ["sweep", str(out), str(flagged), str(transfer), "--output", str(sweep), "--note", "n"]
-    monkeypatch.setattr(sys, "argv", [str(BENCHMARKS / "recipe_transfer.py"), *sweep_argv])
     assert script.main(sweep_argv) == 0
     rows = script.sweep_rows([str(out), str(flagged), str(transfer)])
     smoke = "--seq-len 64 --max-steps 2 --logging-steps 1 --device cpu"  # --tiny's flags, beyond the experiment's too
