@@ -23,7 +23,6 @@ __all__ = [
     "apply_2to4_masks",
     "count_mask_flips",
     "group_codes",
-    "mask_flips",
     "extract_2to4_masks",
     "fraction_2to4_groups",
     "is_2to4",
@@ -74,14 +73,9 @@ def fraction_2to4_groups(tensor: torch.Tensor) -> float:
 
 def count_mask_flips(previous: torch.Tensor, current: torch.Tensor) -> int:
     """Number of groups whose kept positions differ between two masks of the same shape."""
-    return int(mask_flips(previous, current))
-
-
-def mask_flips(previous: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
-    """:func:`count_mask_flips` as a 0-d tensor on the masks' device (no host synchronisation)."""
     if previous.shape != current.shape:
         raise ValueError(f"Mask shapes differ: {tuple(previous.shape)} vs {tuple(current.shape)}.")
-    return (group_codes(previous) != group_codes(current)).sum()
+    return int((group_codes(previous) != group_codes(current)).sum())
 
 
 def group_codes(mask: torch.Tensor) -> torch.Tensor:
