@@ -20,9 +20,9 @@ STEP_SCALINGS = ("none", "weight_rms")
 
 # Named starting points (see README "Mask quality"): config fields plus the learning rate the recipe is trained with.
 # "recommended": activation importance, per-layer λ normalisation and per-layer relative steps, so one recipe means the
-# same on any model. Its learning rate is RELATIVE (step_scaling="weight_rms"): 0.01 = a step of about 1 % of each
-# layer's RMS(W0) per unit Adam step (the absolute 3e-3 measured best on SmolLM2-135M, WikiText-2 71.3 against SparseGPT
-# 105.5 and Wanda 207.7, is 1.6 % of its median layer RMS 0.19). "published": the paper's setting (|W| importance, one
+# same on any model. Its learning rate is RELATIVE (step_scaling="weight_rms"): 0.016 = a step of about 1.6 % of each
+# layer's RMS(W0) per unit Adam step, the log-middle of the ranges that beat SparseGPT on SmolLM2-135M and on a model of
+# another family (benchmarks/results/recipe_sweep_smollm2_h200/README.md, docs/quality.md). "published": the paper's setting (|W| importance, one
 # global λ, absolute AdamW steps; its λ is per model).
 RECIPES: dict[str, dict[str, Any]] = {
     "recommended": {
@@ -32,7 +32,7 @@ RECIPES: dict[str, dict[str, Any]] = {
             "importance": "activation",
             "step_scaling": "weight_rms",
         },
-        "learning_rate": 0.01,  # relative to each layer's RMS(W0) (step_scaling="weight_rms")
+        "learning_rate": 0.016,  # relative to each layer's RMS(W0) (step_scaling="weight_rms")
     },
     "published": {
         "config": {"lambda1": 4.0, "lambda_scaling": "none", "importance": "magnitude", "step_scaling": "none"},

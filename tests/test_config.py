@@ -144,10 +144,10 @@ def test_recipes_and_their_learning_rates():
     pub = ProxSparseConfig.from_recipe("published")
     assert (pub.importance, pub.lambda_scaling, pub.lambda1, pub.step_scaling) == ("magnitude", "none", 4.0, "none")
     # the default learning rate follows what a learning rate means (relative or absolute), not the importance measure
-    assert recipe_learning_rate(rec) == RECIPES["recommended"]["learning_rate"] == 0.01
+    assert recipe_learning_rate(rec) == RECIPES["recommended"]["learning_rate"] == 0.016
     assert recipe_learning_rate(pub) == RECIPES["published"]["learning_rate"] == 1e-4
     assert recipe_learning_rate(ProxSparseConfig(importance="activation")) == 1e-4
-    assert recipe_learning_rate(ProxSparseConfig(step_scaling="weight_rms")) == 0.01
+    assert recipe_learning_rate(ProxSparseConfig(step_scaling="weight_rms")) == 0.016
     assert ProxSparseConfig.recommended(lambda2=1.0).lambda2 == 1.0
     with pytest.raises(ValueError, match="`recipe`='best' is invalid; allowed: one of"):
         ProxSparseConfig.from_recipe("best")

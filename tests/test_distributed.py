@@ -475,7 +475,11 @@ def _assert_same_run(got: dict, want: dict) -> None:
     for mine, theirs in zip(got["logs"], want["logs"]):
         for key, value in theirs.items():
             if key.startswith("proxsparse/") and key != "proxsparse/prox_seconds":
-                assert mine[key] == pytest.approx(value, rel=1e-5, abs=1e-9, nan_ok=True), key
+                # Σ R(w_g) is a sum of triple products of the few near-zero values left in non-2:4 groups (≈ 1e-6 at
+                # the end): a 1e-7 difference of float summation order between sharded and single-process weights moves
+                # it by ~0.1 % (seen with transformers 5.25's GPT-2), so it gets a relative 1 %, the rest stays tight
+                rel = 1e-2 if key == "proxsparse/regularizer" else 1e-5
+                assert mine[key] == pytest.approx(value, rel=rel, abs=1e-9, nan_ok=True), key
 
 
 def test_reference_learns_a_2to4_mask(reference):

@@ -696,7 +696,9 @@ def test_compiled_projections_read_one_copy_of_the_normed_input():
         h = torch.randn(2, 16, 64)
         torch._dynamo.reset()
         out, codes = run_and_get_code(torch.compile(block, fullgraph=True), h)
-        torch.testing.assert_close(out, block(h))
+        # Inductor's fused RMSNorm reduces in another order than eager; q + k·v of O(10) values amplifies that to
+        # ~2e-5 on some CPUs, far below any real error of the graph (a wrong operand moves it by O(1))
+        torch.testing.assert_close(out, block(h), rtol=1e-4, atol=1e-4)
         calls = re.findall(r"torch\.ops\.proxsparse_hf\.cslt_linear\.default\((\w+\(buf\d+|buf\d+)", "\n".join(codes))
         assert len(calls) == 3
         assert len(set(calls)) == 1, calls  # all three projections read the same buffer

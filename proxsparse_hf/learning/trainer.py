@@ -99,7 +99,7 @@ def learn_mask(
 
     ``learning_rate`` defaults to the recipe's for the config's ``step_scaling`` (:func:`recipe_learning_rate`). With
     ``step_scaling="weight_rms"`` (the recommended recipe) it is *relative*: a step of about ``learning_rate`` times each
-    layer's RMS(W0) per unit Adam step (default 0.01, i.e. 1 %), and gradient clipping by the global norm is off unless
+    layer's RMS(W0) per unit Adam step (default 0.016, i.e. 1.6 %), and gradient clipping by the global norm is off unless
     ``max_grad_norm`` is given (a global norm mixes layers of different scales). With ``step_scaling="none"`` it is the
     absolute AdamW learning rate (the paper's 1e-4) and the Trainer's default clipping applies. Extra keyword arguments
     go to ``TrainingArguments``.
