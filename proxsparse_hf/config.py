@@ -21,9 +21,9 @@ STEP_SCALINGS = ("none", "weight_rms")
 # Named starting points (see README "Mask quality"): config fields plus the learning rate the recipe is trained with.
 # "recommended": activation importance, per-layer λ normalisation and per-layer relative steps, so one recipe means the
 # same on any model. Its learning rate is RELATIVE (step_scaling="weight_rms"): 0.016 = a step of about 1.6 % of each
-# layer's RMS(W0) per unit Adam step, the log-middle of the ranges that beat SparseGPT on SmolLM2-135M and on a model of
-# another family (benchmarks/results/recipe_sweep_smollm2_h200/README.md, docs/quality.md). "published": the paper's setting (|W| importance, one
-# global λ, absolute AdamW steps; its λ is per model).
+# layer's RMS(W0) per unit Adam step, the log-middle of the steps that did well on SmolLM2-135M and on a model of
+# another family (benchmarks/results/recipe_sweep_smollm2_h200/README.md, docs/quality.md). "published": the paper's
+# setting (|W| importance, one global λ, absolute AdamW steps; its λ is per model).
 RECIPES: dict[str, dict[str, Any]] = {
     "recommended": {
         "config": {

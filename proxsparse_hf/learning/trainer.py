@@ -98,11 +98,11 @@ def learn_mask(
     (:class:`~proxsparse_hf.learning.distill.DistillationTrainer`; costs one more model in memory and one more forward per step).
 
     ``learning_rate`` defaults to the recipe's for the config's ``step_scaling`` (:func:`recipe_learning_rate`). With
-    ``step_scaling="weight_rms"`` (the recommended recipe) it is *relative*: a step of about ``learning_rate`` times each
-    layer's RMS(W0) per unit Adam step (default 0.016, i.e. 1.6 %), and gradient clipping by the global norm is off unless
-    ``max_grad_norm`` is given (a global norm mixes layers of different scales). With ``step_scaling="none"`` it is the
-    absolute AdamW learning rate (the paper's 1e-4) and the Trainer's default clipping applies. Extra keyword arguments
-    go to ``TrainingArguments``.
+    ``step_scaling="weight_rms"`` (the recommended recipe) it is *relative*: a step of about ``learning_rate`` times
+    each layer's RMS(W0) per unit Adam step (default 0.016, i.e. 1.6 %), and gradient clipping by the global norm is
+    off unless ``max_grad_norm`` is given (a global norm mixes layers of different scales). With
+    ``step_scaling="none"`` it is the absolute AdamW learning rate (the paper's 1e-4) and the Trainer's default
+    clipping applies. Extra keyword arguments go to ``TrainingArguments``.
 
     Multi-GPU: launch the calling script with ``accelerate launch`` (DDP, or FSDP from the accelerate config, e.g.
     ``examples/accelerate_fsdp2.yaml``) or ``torchrun``; ``fsdp`` / ``fsdp_config`` are passed to ``TrainingArguments``
