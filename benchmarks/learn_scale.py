@@ -345,12 +345,9 @@ def tensor_bytes(tensors) -> int:
 
 def freeze_like_callback(model, config) -> None:
     """What the callback does before the optimizer exists: every non-target parameter frozen (for the run without it)."""
-    from proxsparse_hf.targets import find_targets
+    from proxsparse_hf.targets import find_targets, freeze_non_targets
 
-    target_ids = {id(t.weight) for t in find_targets(model, config).values()}
-    for param in model.parameters():
-        if id(param) not in target_ids:
-            param.requires_grad_(False)
+    freeze_non_targets(model, find_targets(model, config))
 
 
 def train_once(
@@ -379,6 +376,7 @@ def train_once(
     from transformers.trainer_callback import PrinterCallback
 
     from proxsparse_hf.learning.callback import ProxSparseCallback
+    from proxsparse_hf.learning.step_scaling import RMS_KEY, relative_optimizer
     from proxsparse_hf.learning.trainer import warmup_arguments
 
     cuda = device.startswith("cuda")
@@ -425,6 +423,8 @@ def train_once(
             train_dataset=dataset,
             data_collator=default_data_collator,
             callbacks=[cb for cb in (callback, last) if cb is not None],
+            # with the callback, the optimizer learn_mask hands the Trainer (relative parameter groups where they apply)
+            optimizers=(relative_optimizer(model, config, args) if with_callback else None, None),
         )
         trainer.remove_callback(PrinterCallback)  # one JSON line per run instead of every log dict
         if not with_callback and gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
@@ -437,6 +437,7 @@ def train_once(
         wall = time.perf_counter() - start
         optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
         optimizer_class = f"{type(optimizer).__name__}(fused={optimizer.defaults.get('fused')})"
+        relative_groups = sum(RMS_KEY in group for group in optimizer.param_groups)
         states = [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
         log_history = list(trainer.state.log_history)
         steps_done = trainer.state.global_step
@@ -478,6 +479,7 @@ def train_once(
         "phases_gpu_ms": recorder.phase_ms(skip),
         "trainable_params": sum(p.numel() for p in trainable),
         "optimizer_class": optimizer_class,
+        "relative_param_groups": relative_groups,  # targets stepped by per-layer groups (no rescaling passes)
         "optimizer_state_gib": tensor_bytes(states) / GIB,
         "optimizer_state_dtypes": sorted({str(t.dtype).replace("torch.", "") for t in states if t.dim() > 0}),
         "loss_first_last": [

@@ -44,7 +44,7 @@ RECIPES: dict[str, dict[str, Any]] = {
 def recipe_learning_rate(config: ProxSparseConfig) -> float:
     """The default learning rate for ``config``: the learning rate of the recipe with the same ``step_scaling``, since
     that decides what a learning rate means: relative to each layer's RMS (``"weight_rms"``: the recommended recipe's
-    0.01) or absolute (``"none"``: the paper's 1e-4)."""
+    0.016) or absolute (``"none"``: the paper's 1e-4)."""
     for recipe in RECIPES.values():
         if recipe["config"]["step_scaling"] == config.step_scaling:
             return recipe["learning_rate"]

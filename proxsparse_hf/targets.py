@@ -14,7 +14,7 @@ One matching function serves the whole library (mask learning, baselines, export
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +24,7 @@ from .constants import OUTPUT_LAYER_NAMES, SUPPORTED_M
 from .layout import input_last
 
 __all__ = [
+    "freeze_non_targets",
     "Target",
     "decoder_block_prefixes",
     "find_targets",
@@ -169,6 +170,18 @@ def find_targets(
         for target in targets.values():
             _check_shape(target)
     return targets
+
+
+def freeze_non_targets(model: nn.Module, targets: Mapping[str, Target]) -> int:
+    """Set ``requires_grad=False`` on every parameter of ``model`` that is not a target weight (so that it carries no
+    gradient and no optimizer state); returns how many were frozen."""
+    target_params = {id(t.weight) for t in targets.values()}
+    count = 0
+    for param in model.parameters():
+        if id(param) not in target_params and param.requires_grad:
+            param.requires_grad_(False)
+            count += 1
+    return count
 
 
 def _check_shape(target: Target) -> None:

@@ -13,6 +13,7 @@ from proxsparse_hf.data import TokenWindows
 from proxsparse_hf.learning.learner import SNAPSHOT_NAME, MaskLearner
 from proxsparse_hf.learning.prox import Prox2to4Batch
 from proxsparse_hf.learning.regularizers import frozen_weight_grad
+from proxsparse_hf.learning.step_scaling import relative_adam
 from proxsparse_hf.learning.trainer import warmup_arguments
 from trainer_callbacks import ProxSparseCallback
 
@@ -45,15 +46,18 @@ def _args(tmp_path, **kw):
     return TrainingArguments(**base)
 
 
-def _train(model, tmp_path, config, callbacks=(), resume=None, **kw):
+def _train(model, tmp_path, config, callbacks=(), resume=None, relative_groups=False, **kw):
+    """Train with the callback; ``relative_groups``: the optimizer of ``relative_adam`` instead of the Trainer's."""
     data = TokenWindows(random_windows(16, 32))
     cb = ProxSparseCallback(config)
+    args = _args(tmp_path, **kw)
     trainer = Trainer(
         model=model,
-        args=_args(tmp_path, **kw),
+        args=args,
         train_dataset=data,
         data_collator=default_data_collator,
         callbacks=[cb, *callbacks],
+        optimizers=(relative_adam(model, config, args) if relative_groups else None, None),
     )
     trainer.train(resume_from_checkpoint=resume)
     return trainer, cb
@@ -121,26 +125,26 @@ def test_metrics_reach_log_history_later_callbacks_and_tensorboard(tmp_path):
     assert {f"train/{k}" for k in keys[:1] + keys[2:]} <= tags
 
 
+_RELATIVE = ProxSparseConfig(lambda1=2.0, lambda_scaling="weight_scale", step_scaling="weight_rms", lambda2=1.0)
+
+
 @pytest.mark.parametrize(
-    "config",
-    [
-        ProxSparseConfig(lambda1=2.0, lambda_scaling="weight_scale"),
-        ProxSparseConfig(lambda1=2.0, lambda_scaling="weight_scale", step_scaling="weight_rms", lambda2=1.0),
-    ],
-    ids=["absolute", "relative"],
+    ("config", "relative_groups"),
+    [(ProxSparseConfig(lambda1=2.0, lambda_scaling="weight_scale"), False), (_RELATIVE, False), (_RELATIVE, True)],
+    ids=["absolute", "relative", "relative_groups"],
 )
-def test_resume_gives_bit_identical_masks(tmp_path, config):
-    """Resuming restores the snapshot, and with it the per-layer scales (λ1's and the relative step's RMS(W0))."""
+def test_resume_gives_bit_identical_masks(tmp_path, config, relative_groups):
+    """Resuming restores the snapshot, and with it the per-layer scales (λ1's and the relative step's RMS(W0)); with
+    the relative parameter groups of ``relative_adam`` the resumed optimizer's groups carry the same scales, and the
+    learner leaves their steps to them."""
     lr = 5e-3 if config.step_scaling == "none" else 0.2  # a relative step: 20 % of the layer's RMS per unit step
-    _, full = _train(
-        tiny_model("llama"), tmp_path / "a", config, save_strategy="steps", save_steps=3, learning_rate=lr
-    )
+    kw = dict(save_strategy="steps", save_steps=3, learning_rate=lr, relative_groups=relative_groups)
+    _, full = _train(tiny_model("llama"), tmp_path / "a", config, **kw)
     checkpoint = tmp_path / "a" / "trainer" / "checkpoint-3"
     assert (checkpoint / SNAPSHOT_NAME).is_file()
     model = tiny_model("llama")
-    _, resumed = _train(
-        model, tmp_path / "a", config, resume=str(checkpoint), save_strategy="steps", save_steps=3, learning_rate=lr
-    )
+    _, resumed = _train(model, tmp_path / "a", config, resume=str(checkpoint), **kw)
+    assert (resumed.learner._relative_step is None) == (relative_groups or config.step_scaling == "none")
     assert full.masks.keys() == resumed.masks.keys()
     assert all(torch.equal(full.masks[k], resumed.masks[k]) for k in full.masks)
     assert resumed.learner.weight_rms == full.learner.weight_rms

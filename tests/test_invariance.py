@@ -11,6 +11,7 @@ from proxsparse_hf import ProxSparseConfig
 from proxsparse_hf.data import TokenWindows
 from proxsparse_hf.learning.learner import MaskLearner
 from proxsparse_hf.learning.rescale import INPUT_SIDE_PROJECTIONS, rescale_function_preserving
+from proxsparse_hf.learning.step_scaling import RMS_KEY, relative_adam, relative_optimizer, relative_param_groups
 from proxsparse_hf.learning.trainer import learn_mask
 
 RELATIVE = dict(lambda1=0.5, lambda_scaling="weight_scale", step_scaling="weight_rms")
@@ -147,26 +148,105 @@ def test_one_step_on_a_layer_scaled_by_c_moves_it_c_times_as_much():
     assert float((absolute_copy.state_dict()[name] - w0_copy[name]).abs().max()) == pytest.approx(0.01, rel=1e-3)
 
 
-def test_relative_adamw_equals_per_layer_learning_rates():
-    """For AdamW the relative step is one parameter group per layer with learning rate ``lr · r`` and ``eps / r``,
-    ``r = RMS(W0)`` (without weight decay, which the relative step keeps relative to the weight as well)."""
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_relative_param_groups_take_exactly_the_relative_adamw_step(weight_decay):
+    """For AdamW the relative step is one parameter group per layer with ``lr · r``, ``eps / r`` and
+    ``weight_decay / r`` (``r = RMS(W0)``): the groups of ``relative_param_groups`` move the weights as the rescaling
+    passes do, and a learner that attaches them skips those passes."""
     relative, grouped = tiny_model("llama"), tiny_model("llama")
-    learner, _ = _one_step(relative, RELATIVE, steps=3, lr=0.02, weight_decay=0.0)
-    reference = MaskLearner(grouped, ProxSparseConfig(lambda1=0.5))
+    learner, _ = _one_step(relative, RELATIVE, steps=3, lr=0.02, weight_decay=weight_decay)
+    reference = MaskLearner(grouped, ProxSparseConfig(**RELATIVE, prox_every_n_steps=100))
     reference.freeze_non_targets()
-    rms = learner.weight_rms
-    groups = [
-        {"params": [t.weight], "lr": 0.02 * rms[t.param_name], "eps": 1e-8 / rms[t.param_name]}
-        for t in reference.targets.values()
-    ]
-    optimizer = torch.optim.AdamW(groups, lr=0.02, weight_decay=0.0)
+    groups = relative_param_groups(grouped, reference.config, learning_rate=0.02, weight_decay=weight_decay)
+    assert len(groups) == len(reference.targets)  # non-targets are frozen: one group per target, nothing else
+    optimizer = torch.optim.AdamW(groups, lr=0.02)
+    assert reference.attach_optimizer(optimizer) == len(reference.targets)
+    before = {t.param_name: t.weight.detach().clone() for t in reference.targets.values()}
     for step in range(1, 4):
         ids = random_windows(2, 16, seed=step)
         grouped(input_ids=ids, labels=ids).loss.backward()
+        reference.before_optimizer_step()  # no pass left: the weights are untouched until the optimizer's step
+        assert all(torch.equal(t.weight, before[t.param_name]) for t in reference.targets.values())
         optimizer.step()
         optimizer.zero_grad()
+        reference.after_optimizer_step(step, 100)
+        before = {t.param_name: t.weight.detach().clone() for t in reference.targets.values()}
     for t in reference.targets.values():
+        assert optimizer.param_groups[0][RMS_KEY] > 0
         torch.testing.assert_close(relative.state_dict()[t.param_name], t.weight.detach(), rtol=1e-5, atol=1e-7)
+
+
+def test_attaching_relative_groups_checks_the_recipe_and_the_scale():
+    model = tiny_model("llama")
+    absolute = MaskLearner(model, ProxSparseConfig(lambda1=0.5))
+    groups = relative_param_groups(model, absolute.config, learning_rate=0.01)
+    with pytest.raises(ValueError, match="step_scaling`='none'"):
+        absolute.attach_optimizer(torch.optim.AdamW(groups))
+    assert absolute.attach_optimizer(torch.optim.AdamW(model.parameters())) == 0  # a plain optimizer: nothing to do
+    learner = MaskLearner(model, ProxSparseConfig(**RELATIVE))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(2.0)  # built on moved weights: its RMS is not the snapshot's
+    moved = relative_param_groups(model, learner.config, learning_rate=0.01)
+    with pytest.raises(ValueError, match="records RMS .* the original weights have"):
+        learner.attach_optimizer(torch.optim.AdamW(moved))
+
+
+def test_relative_adam_builds_the_trainers_optimizer_and_refuses_others(tmp_path):
+    from transformers import TrainingArguments
+
+    model = tiny_model("llama")
+    config = ProxSparseConfig(**RELATIVE)
+    args = TrainingArguments(str(tmp_path), learning_rate=0.02, weight_decay=0.1, optim="adamw_torch", use_cpu=True)
+    optimizer = relative_adam(model, config, args)
+    assert isinstance(optimizer, torch.optim.AdamW)
+    relative = [g for g in optimizer.param_groups if RMS_KEY in g]
+    assert len(relative) == len(optimizer.param_groups) == len(MaskLearner(model, config).targets)  # rest frozen
+    for group in relative:
+        r = group[RMS_KEY]
+        assert r == pytest.approx(float(group["params"][0].detach().pow(2).mean().sqrt()), rel=1e-6)
+        assert (group["lr"], group["eps"], group["weight_decay"]) == pytest.approx((0.02 * r, 1e-8 / r, 0.1 / r))
+    sgd = TrainingArguments(str(tmp_path), optim="sgd", use_cpu=True)
+    with pytest.raises(ValueError, match="`optim`='sgd' builds SGD; relative_adam needs torch's Adam/AdamW"):
+        relative_adam(tiny_model("llama"), config, sgd)
+
+
+def test_relative_optimizer_only_where_the_groups_apply(tmp_path, monkeypatch):
+    """``learn_mask``'s choice: the relative groups for Adam/AdamW on weights the Trainer does not shard, else None
+    (the Trainer's optimizer with the callback's rescaling)."""
+    from transformers import TrainingArguments
+
+    relative = ProxSparseConfig(**RELATIVE)
+
+    def args(**kw):
+        return TrainingArguments(str(tmp_path), learning_rate=0.02, use_cpu=True, **kw)
+
+    built = relative_optimizer(tiny_model("llama"), relative, args(optim="adamw_torch"))
+    assert isinstance(built, torch.optim.AdamW) and all(RMS_KEY in g for g in built.param_groups)
+    assert relative_optimizer(tiny_model("llama"), ProxSparseConfig(lambda1=0.5), args()) is None  # absolute steps
+    assert relative_optimizer(tiny_model("llama"), relative, args(optim="sgd")) is None
+    assert relative_optimizer(tiny_model("llama"), relative, args(optim="adafactor")) is None
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # an `accelerate launch` with FSDP shards the weights
+    assert relative_optimizer(tiny_model("llama"), relative, args()) is None
+
+
+def test_learn_mask_takes_relative_steps_through_parameter_groups():
+    """``learn_mask`` with the recommended recipe hands the Trainer the relative groups (no rescaling passes); with
+    another optimizer the callback rescales."""
+    from transformers import TrainerCallback
+
+    seen = []
+
+    class Spy(TrainerCallback):
+        def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+            seen.append(sum(RMS_KEY in g for g in optimizer.param_groups))
+
+    data = TokenWindows(random_windows(8, 16))
+    for optim in ("adamw_torch", "sgd"):
+        model = tiny_model("llama")
+        result = learn_mask(model, data, ProxSparseConfig.recommended(), max_steps=2, callbacks=[Spy()], optim=optim)
+        assert result.report.num_2to4_layers == len(result.masks)
+    assert seen == [len(MaskLearner(tiny_model("llama"), ProxSparseConfig.recommended()).targets), 0]
 
 
 def test_relative_sgd_works_in_layer_units():

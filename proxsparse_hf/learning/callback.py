@@ -7,7 +7,8 @@ The callback only reacts to Trainer events; the method lives in :class:`proxspar
   record the base model id / revision in the config.
 * ``on_pre_optimizer_step`` (after gradient clipping): add the λ2 frozen-weight gradient; with
   ``step_scaling="weight_rms"`` also divide every target by its layer's RMS(W0) and multiply its gradient by it, so the
-  optimizer steps the weights in units of the layer's scale.
+  optimizer steps the weights in units of the layer's scale — unless the Trainer's optimizer came from
+  :func:`~proxsparse_hf.learning.step_scaling.relative_adam`, whose per-layer groups take the same step with no pass.
 * ``on_optimizer_step`` (right after ``optimizer.step()``): with ``step_scaling="weight_rms"`` multiply the targets back
   (the ``learning_rate`` of ``TrainingArguments`` is then a step relative to each layer's RMS(W0); use
   ``max_grad_norm=0``), then the 2:4 prox operator on every target.
@@ -44,6 +45,7 @@ from transformers.trainer_callback import DefaultFlowCallback
 
 from ..config import ProxSparseConfig
 from ..report import SparsityReport, sparsity_report
+from ..targets import freeze_non_targets
 from .distributed import find_distributed_targets, sharded_sparsity_report
 from .importance import get_importance
 from .learner import MaskLearner
@@ -88,10 +90,7 @@ class ProxSparseCallback(TrainerCallback):
         # resolves targets and raises clearly when there are none (FSDP1-wrapped models included)
         targets = find_distributed_targets(model, self.config)
         if not self.config.train_non_target_params:
-            target_ids = {id(t.weight) for t in targets.values()}
-            for param in model.parameters():
-                if id(param) not in target_ids:
-                    param.requires_grad_(False)
+            freeze_non_targets(model, targets)
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
         # Freeze before the optimizer is created so the frozen parameters carry no optimizer state.
@@ -124,6 +123,7 @@ class ProxSparseCallback(TrainerCallback):
             )
             logger.info("ProxSparse: resumed the original-weight snapshot from %s", checkpoint)
         self.learner = MaskLearner(model, self.config, original=original, input_norms=norms)
+        self.learner.attach_optimizer(kwargs.get("optimizer"))
         if self.learner.needs_input_norms:
             batches = _calibration_batches(kwargs.get("train_dataloader"), args, self.config.importance_batches)
             self.learner.measure_input_norms(batches)

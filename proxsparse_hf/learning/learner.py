@@ -18,6 +18,7 @@ A custom loop uses it directly::
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Iterable, Mapping
 
@@ -26,9 +27,9 @@ from torch import nn
 
 from ..config import ProxSparseConfig
 from ..loading import input_device
-from ..masks import apply_2to4_masks, extract_2to4_masks, group_codes, mask_2to4
-from ..targets import Target
-from . import checkpoint
+from ..masks import apply_2to4_masks, extract_2to4_masks, mask_2to4
+from ..targets import Target, freeze_non_targets
+from . import checkpoint, telemetry
 from .checkpoint import INPUT_NORMS_NAME, SNAPSHOT_NAME
 from .distributed import (
     TargetShard,
@@ -41,8 +42,8 @@ from .distributed import (
 )
 from .importance import get_importance, measure_input_norms
 from .prox import Prox2to4Batch, prox_2to4
-from .regularizers import frozen_weight_grad, regularizer_2to4
-from .step_scaling import RelativeStep
+from .regularizers import frozen_weight_grad
+from .step_scaling import RMS_KEY, RelativeStep
 
 __all__ = ["INPUT_NORMS_NAME", "SNAPSHOT_NAME", "MaskLearner"]
 
@@ -191,13 +192,7 @@ class MaskLearner:
     # ------------------------------------------------------------------ parameters
     def freeze_non_targets(self) -> int:
         """Set ``requires_grad=False`` on every parameter that is not a target weight; returns how many were frozen."""
-        target_params = {id(t.weight) for t in self.targets.values()}
-        count = 0
-        for param in self.model.parameters():
-            if id(param) not in target_params and param.requires_grad:
-                param.requires_grad_(False)
-                count += 1
-        return count
+        return freeze_non_targets(self.model, self.targets)
 
     def non_target_snapshot(self) -> dict[str, torch.Tensor]:
         """CPU copies of the trainable non-target parameters (restored by :meth:`finalize`)."""
@@ -219,6 +214,46 @@ class MaskLearner:
         if self.config.lambda_schedule == "ramp":
             return lam * min(1.0, step / max(1, max_steps))
         return lam
+
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer | None) -> int:
+        """Take note of an optimizer built by :func:`~proxsparse_hf.learning.step_scaling.relative_adam` (or with
+        :func:`~proxsparse_hf.learning.step_scaling.relative_param_groups`): the targets in its relative groups already
+        get relative steps, so :meth:`before_optimizer_step` / :meth:`after_optimizer_step` skip their rescaling passes.
+        Returns how many targets it covers (0 for any other optimizer, which then gets the generic rescaling).
+
+        Raises:
+            ValueError: relative groups with ``step_scaling="none"``, or a group whose recorded RMS differs from the
+                snapshot's (the optimizer was built on weights that are not the original ones).
+        """
+        recorded = {}
+        for group in getattr(optimizer, "param_groups", []):
+            if RMS_KEY in group:
+                recorded.update({id(p): group[RMS_KEY] for p in group["params"]})
+        if not recorded:
+            return 0
+        if self._relative_step is None:
+            raise ValueError(
+                f"The optimizer has relative parameter groups ({RMS_KEY}) but `step_scaling`="
+                f"{self.config.step_scaling!r}; use step_scaling='weight_rms' or an optimizer without them."
+            )
+        covered = {}
+        for s in self.shards.values():
+            r = recorded.get(id(s.target.weight))
+            if r is None:
+                continue
+            expected = self.weight_rms[s.name] or 1.0
+            if not math.isclose(r, expected, rel_tol=1e-3):
+                raise ValueError(
+                    f"The optimizer's group for `{s.name}` records RMS {r:.6g}, the original weights have {expected:.6g}: "
+                    f"build the optimizer before training, on the original weights."
+                )
+            covered[s.name] = s
+        rest = {key: s for key, s in self.shards.items() if s.name not in covered}
+        self._relative_step = RelativeStep(rest, self.weight_rms) if rest else None
+        logger.info(
+            "ProxSparse: relative steps of %d target(s) taken by the optimizer's parameter groups", len(covered)
+        )
+        return len(covered)
 
     def before_optimizer_step(self) -> None:
         """Everything between the final gradients (after clipping) and ``optimizer.step()``: the λ2 gradient, then, with
@@ -286,13 +321,23 @@ class MaskLearner:
         return True
 
     # ------------------------------------------------------------------ telemetry
+    # rows of each snapshot held on another device than its weight, cached there by statistics():
+    # {name: (snapshot, stride, rows)}
+    _snapshot_rows: dict[str, tuple[torch.Tensor, int, torch.Tensor]] | None = None
+
     @torch.no_grad()
     def statistics(self) -> dict[str, float]:
         """Training telemetry over all targets.
 
         ``proxsparse/frac_2to4``: fraction of groups with ≤ 2 non-zeros; ``proxsparse/mask_flips``: groups whose top-2
         support changed since the previous call; ``proxsparse/regularizer``: Σ R(w_g); ``proxsparse/dist_to_original``:
-        mean |W − W0|; ``proxsparse/lambda_scale_mean``: mean per-layer multiplier of λ1.
+        mean |W − W0| (exact when the snapshot lives on the weights' device; estimated on every 64th row when the
+        snapshot is on another device, e.g. ``snapshot_device="cpu"`` with GPU weights: those rows of the weight's
+        grouped 2-D view, its storage layout for ``nn.Linear``, are cached on the weight's device at the first call, so
+        no call copies the whole snapshot); ``proxsparse/lambda_scale_mean``: mean per-layer multiplier of λ1.
+
+        Per target one pass of :func:`~proxsparse_hf.learning.telemetry.group_statistics` (a fused kernel on CUDA); the
+        sums accumulate per device and are read with one sync each.
         """
         # sizes are known here; [ok, flips, regulariser, Σ|W − W0|] accumulate per device, read with one sync each
         groups = numel = 0.0
@@ -301,24 +346,21 @@ class MaskLearner:
         for s in self.shards.values():
             weight = s.local(s.target.weight.detach())
             view = s.grouped(weight)
-            nonzero = (view.reshape(-1, 4) != 0).sum(dim=1)
-            scores = self._scores(s, view)
-            original = self.original[s.name].to(weight.device, non_blocking=True)
-            codes = group_codes(mask_2to4(scores))  # the kept positions of every group, a byte each
-            flips = (
-                (self._last_masks[s.name] != codes).sum() if self._last_masks is not None else nonzero.new_zeros(())
+            snapshot = self.original[s.name]
+            stride = telemetry.distance_row_stride(snapshot, weight)
+            original = s.grouped(snapshot) if stride == 1 else self._sampled_snapshot(s, view, stride)
+            codes, row = telemetry.group_statistics(
+                view,
+                self.column_scale.get(s.name),
+                None if self._last_masks is None else self._last_masks[s.name],
+                original=original,
+                original_row_stride=stride,
             )
-            row = torch.stack(
-                [
-                    (nonzero <= 2).sum().double(),
-                    flips.double(),
-                    regularizer_2to4(scores).double(),
-                    (weight.float() - original.float()).abs().sum().double(),
-                ]
-            )
+            if original.numel() not in (0, view.numel()):  # a row sample: scaled up to the whole weight
+                row[3] *= view.numel() / original.numel()
             # a sharded weight's counts are summed over ranks below; replicated copies count once in total
             scale = 1.0 / s.replication if self.sharded else 1.0
-            groups += scale * nonzero.numel()
+            groups += scale * codes.numel()
             numel += scale * weight.numel()
             sums[weight.device] = sums.get(weight.device, 0.0) + scale * row
             masks[s.name] = codes
@@ -336,6 +378,18 @@ class MaskLearner:
             "proxsparse/dist_to_original": dist_sum / numel if numel else 0.0,
             "proxsparse/lambda_scale_mean": sum(self.layer_scale.values()) / max(1, len(self.layer_scale)),
         }
+
+    def _sampled_snapshot(self, s: TargetShard, view: torch.Tensor, stride: int) -> torch.Tensor:
+        """Rows ``0, stride, 2·stride, …`` of the grouped snapshot of ``s``, copied to ``view``'s device at the first
+        call and cached (1/stride of the snapshot in memory there)."""
+        if self._snapshot_rows is None:
+            self._snapshot_rows = {}
+        snapshot = self.original[s.name]
+        cached = self._snapshot_rows.get(s.name)
+        if cached is None or cached[0] is not snapshot or cached[1] != stride or cached[2].device != view.device:
+            rows = telemetry.sample_rows(s.grouped(snapshot), stride).to(view.device)
+            cached = self._snapshot_rows[s.name] = (snapshot, stride, rows)
+        return cached[2]
 
     # ------------------------------------------------------------------ end of training
     @torch.no_grad()

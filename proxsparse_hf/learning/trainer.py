@@ -112,6 +112,7 @@ def learn_mask(
     from transformers import Trainer, TrainingArguments, default_data_collator
 
     from .callback import ProxSparseCallback
+    from .step_scaling import relative_optimizer
 
     if learning_rate is None:
         learning_rate = recipe_learning_rate(config)
@@ -158,6 +159,7 @@ def learn_mask(
             train_dataset=train_dataset,
             data_collator=default_data_collator,
             callbacks=[callback, *(callbacks or [])],
+            optimizers=(relative_optimizer(model, config, args), None),
             **extra,
         )
         _reset_peak_gpu_memory()
