@@ -22,6 +22,7 @@ _LAZY: dict[str, str] = {
     "regularizer_2to4": "learning.regularizers",
     "frozen_weight_grad": "learning.regularizers",
     "frozen_weight_regularizer": "learning.regularizers",
+    "relative_adam": "learning.step_scaling",
     "mask_2to4": "masks",
     "is_2to4": "masks",
     "extract_2to4_masks": "masks",
@@ -114,6 +115,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .learning.prox import Prox2to4Batch, prox_2to4, prox_2to4_  # noqa: F401
     from .learning.regularizers import frozen_weight_grad, frozen_weight_regularizer, regularizer_2to4  # noqa: F401
     from .learning.rescale import rescale_function_preserving  # noqa: F401
+    from .learning.step_scaling import relative_adam  # noqa: F401
     from .learning.trainer import learn_mask  # noqa: F401
     from .masks import apply_2to4_masks, extract_2to4_masks, is_2to4, load_masks, mask_2to4, save_masks  # noqa: F401
     from .permutation import permute_channels  # noqa: F401
