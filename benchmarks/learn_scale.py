@@ -18,8 +18,10 @@ plans (micro-batch, gradient checkpointing on/off, Trainer ``optim=``); with mor
 measured for ``--steps`` steps with the callback and then without it (same plan, same frozen parameters, same steps):
 the callback's overhead. Step times are wall-clock between consecutive ``on_step_end`` events after a device
 synchronisation; the first ``--warmup-steps`` are left out. CUDA events bracket the phases of every step
-(forward+backward, the callback's pre-step work, ``optimizer.step()``, the callback's post-step work — the relative step
-of ``step_scaling="weight_rms"`` and the prox —, the telemetry of logging steps). ``mfu`` = 6·N·tokens/s / peak
+(forward+backward, the callback's pre-step work, ``optimizer.step()``, the callback's post-step work — the prox, and the
+relative step's passes when the optimizer does not take it —, the telemetry of logging steps). With the callback the
+Trainer gets the optimizer ``learn_mask`` builds (``relative_optimizer``: AdamW with one group per target, whose
+relative step needs no pass; ``relative_param_groups`` in the results). ``mfu`` = 6·N·tokens/s / peak
 (``--peak-tflops``, dense bf16 of an H100/H200 SXM by default); ``budget_minutes`` = 400·seq_len tokens at the steady
 rate (the paper's budget: 400 × 4096 tokens). ``--time-limit-s`` bounds the part: probes stop early when the main runs
 would not fit, and a run that reaches the limit stops (its measured steps are kept).
