@@ -186,8 +186,7 @@ class MaskLearner:
 
     def _scores(self, s: TargetShard, view: torch.Tensor) -> torch.Tensor:
         """The values the regulariser and the top-2 rule act on: the grouped weights, times the column scale if any."""
-        scale = self.column_scale.get(s.name)
-        return view.contiguous() if scale is None else view.float() * scale.to(view.device)
+        return telemetry.scores(view, self.column_scale.get(s.name))
 
     # ------------------------------------------------------------------ parameters
     def freeze_non_targets(self) -> int:
