@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 from tiny_models import random_windows, tiny_model
+from torch import nn
 
 from proxsparse_hf import ProxSparseConfig
 from proxsparse_hf.data import TokenWindows
@@ -190,6 +191,32 @@ def test_attaching_relative_groups_checks_the_recipe_and_the_scale():
     moved = relative_param_groups(model, learner.config, learning_rate=0.01)
     with pytest.raises(ValueError, match="records RMS .* the original weights have"):
         learner.attach_optimizer(torch.optim.AdamW(moved))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt", "phi", "unnamed-norm"])
+def test_non_target_groups_split_weight_decay_as_the_trainer_does(family, tmp_path):
+    """With ``train_non_target_params`` the other trainable parameters keep absolute steps, and weight decay falls on
+    exactly the parameters the Trainer decays (not biases, not LayerNorm weights), in families that have both and in
+    a model whose LayerNorm's name says nothing of a norm (the Trainer goes by its type)."""
+    from transformers import Trainer, TrainingArguments
+
+    if family == "unnamed-norm":
+        model = nn.Sequential(nn.Linear(16, 16), nn.LayerNorm(16), nn.Linear(16, 16))
+        config = ProxSparseConfig(**RELATIVE, target_modules=["0"])
+    else:
+        model = tiny_model(family)
+        config = ProxSparseConfig(**RELATIVE, target_modules="all-linear")
+    groups = relative_param_groups(model, config, learning_rate=0.01, weight_decay=0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    relative = {names[id(p)] for g in groups if RMS_KEY in g for p in g["params"]}
+    decayed = {names[id(p)] for g in groups if RMS_KEY not in g and g["weight_decay"] > 0 for p in g["params"]}
+    plain = {names[id(p)] for g in groups if RMS_KEY not in g and g["weight_decay"] == 0 for p in g["params"]}
+    trainer = Trainer(model=model, args=TrainingArguments(str(tmp_path), use_cpu=True, report_to=[]))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}  # a tied weight once, by its first name
+    assert decayed == (set(trainer.get_decay_parameter_names(model)) & trainable) - relative
+    assert decayed | plain | relative == trainable
+    norms = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.LayerNorm)}
+    assert norms and norms <= plain and any(n.endswith("bias") for n in plain)
 
 
 def test_relative_adam_builds_the_trainers_optimizer_and_refuses_others(tmp_path):

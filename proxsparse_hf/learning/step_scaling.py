@@ -102,10 +102,12 @@ class RelativeStep:
         self._in_layer_units = False
 
 
-def _is_decayed(name: str) -> bool:
-    """The Trainer's rule for weight decay: not on biases and normalisation weights."""
-    lowered = name.lower()
-    return not (lowered.endswith("bias") or "norm" in lowered or ".ln" in lowered or lowered.startswith("ln"))
+def _decay_parameter_names(model: nn.Module) -> set[str]:
+    """The names the ``Trainer`` applies weight decay to (its own rule: no biases, no normalisation weights)."""
+    from transformers import Trainer
+
+    # the method reads only ``model``; calling it unbound keeps one rule, the Trainer's, for both kinds of groups
+    return set(Trainer.get_decay_parameter_names(None, model))
 
 
 @torch.no_grad()
@@ -127,12 +129,13 @@ def relative_param_groups(
     groups: list[dict[str, Any]] = []
     decayed: list[nn.Parameter] = []
     plain: list[nn.Parameter] = []
+    decay_names = _decay_parameter_names(model)
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         target = by_param.get(id(param))
         if target is None:
-            (decayed if _is_decayed(name) else plain).append(param)
+            (decayed if name in decay_names else plain).append(param)
             continue
         if is_dtensor(param):
             raise ValueError(
