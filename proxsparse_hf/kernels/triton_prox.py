@@ -42,6 +42,7 @@ from torch import Tensor
 
 from ..layout import as_2d, per_weight
 from .magic import division_magic
+from .triton_groups import split_groups_of_4
 
 __all__ = ["TritonProxPlan", "prox_2to4_triton_"]
 
@@ -378,9 +379,7 @@ def _solve_tile(
         s = tl.broadcast_to(tl.load(scale_ptr, mask=cmask, other=1.0), (BLOCK_C, BLOCK_R, 4))
         inv_s = tl.broadcast_to(tl.load(scale_ptr + 4 * gpr, mask=cmask, other=1.0), (BLOCK_C, BLOCK_R, 4))
         v = v * s
-    evens, odds = tl.split(tl.reshape(v, (BLOCK_C, BLOCK_R, 2, 2)))
-    v0, v2 = tl.split(evens)
-    v1, v3 = tl.split(odds)
+    v0, v1, v2, v3 = split_groups_of_4(v, BLOCK_C, BLOCK_R)
     a0 = tl.abs(v0)
     a1 = tl.abs(v1)
     a2 = tl.abs(v2)

@@ -30,6 +30,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .triton_groups import split_groups_of_4
+
 __all__ = ["MAX_BLOCK_COLS", "NUM_WARPS", "TILE_GROUPS", "group_statistics_triton"]
 
 # groups per program: 2048 groups are 16 KiB of bf16 weights, enough bytes in flight per program for a memory-bound
@@ -91,9 +93,7 @@ def _telemetry_kernel(
     if HAS_SCALE:  # one float32 scale per column, loaded once per tile and broadcast over its rows
         s = tl.load(scale_ptr + (grp * 4)[:, None] + j[None, :], mask=(grp < gpr)[:, None], other=1.0)
         scores = w * s[None, :, :]
-    evens, odds = tl.split(tl.reshape(scores, (BLOCK_R, BLOCK_C, 2, 2)))
-    x0, x2 = tl.split(evens)
-    x1, x3 = tl.split(odds)
+    x0, x1, x2, x3 = split_groups_of_4(scores, BLOCK_R, BLOCK_C)
     m0 = tl.abs(x0)
     m1 = tl.abs(x1)
     m2 = tl.abs(x2)
