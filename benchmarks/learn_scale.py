@@ -371,6 +371,7 @@ def train_once(
     seed: int,
     compile_model: bool = False,
     log_statistics: bool = True,
+    grad_accum: int = 1,
 ) -> tuple[dict[str, Any], Any]:
     """One ``Trainer`` run (the arguments ``learn_mask`` builds; ``max_steps=-1``: one epoch) with or without the
     ProxSparse callback. Returns the measurements and the callback (None without it)."""
@@ -401,6 +402,7 @@ def train_once(
             num_train_epochs=1.0,
             max_steps=max_steps,
             per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=grad_accum,
             **warmup_arguments(0.1),
             weight_decay=0.0,
             lr_scheduler_type="linear",
@@ -448,13 +450,14 @@ def train_once(
     skip = min(warmup_steps, max(0, len(times) - 1))
     measured = times[skip:]
     seq_len = int(dataset[0]["input_ids"].numel())
-    tokens_per_step = batch_size * seq_len
+    tokens_per_step = batch_size * grad_accum * seq_len
     logged = [t for t, is_log in zip(times[skip:], recorder.log_steps[skip:]) if is_log]
     plain = [t for t, is_log in zip(times[skip:], recorder.log_steps[skip:]) if not is_log]
     trainable = [p for p in model.parameters() if p.requires_grad]
     result: dict[str, Any] = {
         "with_callback": with_callback,
         "batch_size": batch_size,
+        "gradient_accumulation_steps": grad_accum,
         "seq_len": seq_len,
         "gradient_checkpointing": gradient_checkpointing,
         "optim": optim or "trainer default",
@@ -570,7 +573,9 @@ def run_7b_plan(plan: Plan, args, *, with_callback: bool, steps: int, warmup: in
         record["build_s"] = time.perf_counter() - start
         record["n_params"] = sum(p.numel() for p in model.parameters())
         record["layer_weight_rms"] = weight_rms(model)
-        dataset = RandomTokens(steps * plan.batch_size, args.seq_len, shape["vocab_size"], seed=args.seed)
+        dataset = RandomTokens(
+            steps * plan.batch_size * args.grad_accum, args.seq_len, shape["vocab_size"], seed=args.seed
+        )
         result, callback = train_once(
             model,
             dataset,
@@ -589,6 +594,7 @@ def run_7b_plan(plan: Plan, args, *, with_callback: bool, steps: int, warmup: in
             seed=args.seed,
             compile_model=args.compile,
             log_statistics=args.telemetry == "on",
+            grad_accum=args.grad_accum,
         )
         del callback  # it holds the model
         record.update(result)
@@ -1016,6 +1022,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--gradient-checkpointing", choices=["on", "off"], default=None, help="with --batch-size: checkpointing"
     )
+    g.add_argument(
+        "--grad-accum", type=int, default=1, help="micro-batches per optimizer step (micro-batch 1 x 2 fits 80 GB)"
+    )
     g.add_argument("--optim", default="adamw_torch_fused", help="Trainer optim= of plans that name none")
     g.add_argument(
         "--candidates",
@@ -1058,7 +1067,15 @@ def main(argv: list[str] | None = None) -> int:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.seq_len is None:
         args.seq_len = 128 if args.tiny else 4096
-    for name in ("steps", "seq_len", "logging_steps", "smollm2_samples", "smollm2_seq_len", "smollm2_eval_windows"):
+    for name in (
+        "steps",
+        "seq_len",
+        "logging_steps",
+        "grad_accum",
+        "smollm2_samples",
+        "smollm2_seq_len",
+        "smollm2_eval_windows",
+    ):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     for name in ("warmup_steps", "probe_steps", "probe_warmup_steps", "time_limit_s"):

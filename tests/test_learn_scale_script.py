@@ -63,6 +63,21 @@ def test_7b_path_on_a_tiny_llama_writes_every_headline_field(tmp_path, capsys):
     assert data["callback_overhead_fraction"] == pytest.approx(main["step_s_mean"] / base["step_s_mean"] - 1)
 
 
+def test_gradient_accumulation_counts_every_micro_batch_of_an_optimizer_step(tmp_path):
+    module = _load()
+    out = tmp_path / "scale.json"
+    argv = ["--part", "7b", "--tiny", "--device", "cpu", "--steps", "3", "--warmup-steps", "1", "--seq-len", "32"]
+    argv += ["--candidates", "1/off", "--grad-accum", "2", "--output", str(out)]
+    assert module.main(argv) == 0
+    data = json.loads(out.read_text())
+    main, base = data["llama2_7b_shaped"]["with_callback"], data["llama2_7b_shaped"]["without_callback"]
+    assert main["gradient_accumulation_steps"] == base["gradient_accumulation_steps"] == 2
+    assert main["steps"] == base["steps"] == 3 and len(main["step_seconds"]) == 3  # optimizer steps, not micro-batches
+    assert main["tokens_per_step"] == 2 * 32
+    assert main["tokens_per_s"] == pytest.approx(64 * 2 / sum(main["step_seconds"][1:]))
+    assert "--grad-accum 2" in data["commands"]["7b"]
+
+
 def _fake_run(statuses: dict[str, str], calls: list):
     def run(plan, args, *, with_callback, steps, warmup, deadline):
         calls.append((plan.name, with_callback, steps))
@@ -205,6 +220,7 @@ def test_smollm2_path_learns_each_setting_and_scores_every_mask(tmp_path, monkey
         (["--candidates", "1/on/adamw_nonsense"], "`optim`='adamw_nonsense' is invalid"),
         (["--smollm2-runs", "fp64_b2"], "PRECISION_bBATCH"),
         (["--steps", "0"], "--steps must be >= 1, got 0"),
+        (["--grad-accum", "0"], "--grad-accum must be >= 1, got 0"),
         (["--gradient-checkpointing", "on"], "--gradient-checkpointing needs --batch-size"),
     ],
 )

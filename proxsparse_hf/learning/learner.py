@@ -43,7 +43,7 @@ from .distributed import (
 from .importance import get_importance, measure_input_norms
 from .prox import Prox2to4Batch, prox_2to4
 from .regularizers import frozen_weight_grad
-from .step_scaling import RMS_KEY, RelativeStep
+from .step_scaling import RMS_KEY, RelativeStep, step_unit
 
 __all__ = ["INPUT_NORMS_NAME", "SNAPSHOT_NAME", "MaskLearner"]
 
@@ -115,7 +115,9 @@ class MaskLearner:
         self.weight_rms: dict[str, float] = {}
         self._relative_step: RelativeStep | None = None
         if config.step_scaling == "weight_rms":
-            self.weight_rms = global_rms(self.shards, self.original, self.sharded)
+            self.weight_rms = {
+                n: step_unit(r) for n, r in global_rms(self.shards, self.original, self.sharded).items()
+            }
             self._relative_step = RelativeStep(self.shards, self.weight_rms)
         self._last_masks: dict[str, torch.Tensor] | None = None  # group_codes() of the previous statistics' masks
         self._prox_batch: Prox2to4Batch | None = None  # built at the first prox step, rebuilt if weights move
@@ -182,7 +184,7 @@ class MaskLearner:
             return
         scores = {s.name: self._scores(s, s.grouped(self.original[s.name])) for s in self.shards.values()}
         rms = global_rms(self.shards, scores, self.sharded)
-        self.layer_scale = {name: 1.0 / value if value > 0 else 1.0 for name, value in rms.items()}
+        self.layer_scale = {name: 1.0 / step_unit(value) for name, value in rms.items()}
 
     def _scores(self, s: TargetShard, view: torch.Tensor) -> torch.Tensor:
         """The values the regulariser and the top-2 rule act on: the grouped weights, times the column scale if any."""
@@ -240,7 +242,7 @@ class MaskLearner:
             r = recorded.get(id(s.target.weight))
             if r is None:
                 continue
-            expected = self.weight_rms[s.name] or 1.0
+            expected = self.weight_rms[s.name]
             if not math.isclose(r, expected, rel_tol=1e-3):
                 raise ValueError(
                     f"The optimizer's group for `{s.name}` records RMS {r:.6g}, the original weights have {expected:.6g}: "
@@ -280,7 +282,7 @@ class MaskLearner:
                 continue
             local, local_grad = s.local(weight.detach()), s.local(weight.grad)
             original = self.original[s.name].to(local.device, non_blocking=True)
-            r = self.weight_rms.get(s.name) or 1.0  # the term on W/r: ∂/∂W = grad(W, W0, ε·r) / r²
+            r = self.weight_rms.get(s.name, 1.0)  # the term on W/r: ∂/∂W = grad(W, W0, ε·r) / r²
             grad = frozen_weight_grad(local, original, self.config.epsilon * r)
             local_grad.add_(grad.to(local_grad.dtype), alpha=self.config.lambda2 / (r * r))
 

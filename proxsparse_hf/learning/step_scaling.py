@@ -38,12 +38,18 @@ from torch import nn
 from ..targets import find_targets, freeze_non_targets
 from .distributed import TargetShard, is_dtensor
 
-__all__ = ["RMS_KEY", "RelativeStep", "relative_adam", "relative_optimizer", "relative_param_groups"]
+__all__ = ["RMS_KEY", "RelativeStep", "relative_adam", "relative_optimizer", "relative_param_groups", "step_unit"]
 
 # the parameter-group key under which relative_param_groups records a target's RMS(W0)
 RMS_KEY = "proxsparse_weight_rms"
 # optimizers whose step relative_param_groups makes exactly relative (Adam's update is invariant to the gradient's scale)
 ADAM_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW)
+
+
+def step_unit(rms: float) -> float:
+    """The unit of a target's relative steps: its RMS(W0), or 1 where that is 0 or not finite (an all-zero weight keeps
+    absolute steps)."""
+    return rms if rms > 0 and math.isfinite(rms) else 1.0
 
 
 class RelativeStep:
@@ -59,7 +65,7 @@ class RelativeStep:
 
     def __init__(self, shards: Mapping[str, TargetShard], scales: Mapping[str, float]) -> None:
         self.shards = shards
-        self.scales = {name: (r if r > 0 else 1.0) for name, r in scales.items()}
+        self.scales = {name: step_unit(r) for name, r in scales.items()}
         self._in_layer_units = False
 
     def _locals(self, with_grads: bool = False):
@@ -142,8 +148,7 @@ def relative_param_groups(
                 f"relative_param_groups: target `{target.name}` is sharded (DTensor); leave the optimizer to the "
                 f"Trainer, ProxSparseCallback makes its steps relative itself."
             )
-        r = math.sqrt(float(param.detach().float().pow(2).mean())) if param.numel() else 0.0
-        r = r if r > 0 and math.isfinite(r) else 1.0  # an all-zero layer keeps absolute steps
+        r = step_unit(math.sqrt(float(param.detach().float().pow(2).mean())) if param.numel() else 0.0)
         groups.append(
             {"params": [param], "lr": learning_rate * r, "eps": eps / r, "weight_decay": weight_decay / r, RMS_KEY: r}
         )
