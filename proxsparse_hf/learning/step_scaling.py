@@ -197,9 +197,10 @@ def relative_optimizer(model: nn.Module, config: Any, args: Any) -> torch.optim.
     rescales the steps. What ``learn_mask`` passes as ``Trainer(optimizers=(relative_optimizer(...), None))``."""
     if config.step_scaling != "weight_rms" or _shards_weights(args):
         return None
-    if not is_adam(trainer_optimizer(args, model)[0]):
+    optimizer_cls, kwargs = trainer_optimizer(args, model)
+    if not is_adam(optimizer_cls):
         return None
-    return relative_adam(model, config, args)
+    return _build_relative_adam(model, config, args, optimizer_cls, kwargs)
 
 
 def relative_adam(model: nn.Module, config: Any, args: Any) -> torch.optim.Optimizer:
@@ -220,6 +221,13 @@ def relative_adam(model: nn.Module, config: Any, args: Any) -> torch.optim.Optim
             f"relative_adam needs torch's Adam/AdamW (allowed: 'adamw_torch', 'adamw_torch_fused'). With other "
             f"optimizers leave `optimizers` unset: ProxSparseCallback makes their steps relative itself."
         )
+    return _build_relative_adam(model, config, args, optimizer_cls, kwargs)
+
+
+def _build_relative_adam(
+    model: nn.Module, config: Any, args: Any, optimizer_cls: Any, kwargs: dict[str, Any]
+) -> torch.optim.Optimizer:
+    """``optimizer_cls`` (an Adam/AdamW, with the Trainer's ``kwargs`` for ``args``) over relative parameter groups."""
     kwargs = {k: v for k, v in kwargs.items() if k not in ("lr", "eps", "weight_decay")}
     if not config.train_non_target_params:
         freeze_non_targets(model, find_targets(model, config))
