@@ -556,7 +556,10 @@ def sweep_rows(paths: Sequence[str]) -> list[dict[str, Any]]:
                     "run": r.label,
                     "flags": " ".join(extra),
                     "learning_rate": mc.get("learning_rate") or budget.get("learning_rate"),
-                    "batch": training.get("per_device_train_batch_size"),
+                    # windows per optimizer step of one process: the micro-batch times the accumulated micro-batches
+                    "batch": (training.get("per_device_train_batch_size") or 0)
+                    * (training.get("gradient_accumulation_steps") or 1)
+                    or None,
                     "steps": budget.get("steps"),
                     "tokens": budget.get("tokens") or (mc.get("calibration") or {}).get("tokens"),
                     "ppl": {d: r.ppl(d) for d in r.perplexity},

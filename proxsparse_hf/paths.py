@@ -31,7 +31,9 @@ _WINDOWS_ABS = re.compile(r"^[A-Za-z]:[\\/]")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 _MODEL_FILES = ("config.json",)
 _SHARED_DATA_MARKER = "/shared/assets/data/"
-_PATH_IN_TEXT = re.compile(r"(?<![\w.\-:/~])[~/][^\s'\"=,;:()\[\]{}]*")  # absolute or ~ paths inside a text
+# absolute or ~ paths inside a text: at its start or after a space, quote, `=` or opening bracket / separator (a `/`
+# inside a word, "a/b" or "m_seed*/m_abs*", and the `//` of a URL are not paths)
+_PATH_IN_TEXT = re.compile(r"(?<![^\s'\"=(\[{,;])[~/][^\s'\"=,;:()\[\]{}]*")
 
 
 def is_hub_id(value: Any) -> bool:

@@ -418,6 +418,18 @@ def test_portable_name_keeps_hub_ids_and_names_local_files(tmp_path, monkeypatch
     assert portable_name("/other/box/shared/assets/data/c4/part.jsonl") == "c4/part.jsonl"
 
 
+def test_paths_inside_a_text_are_scrubbed_and_prose_is_left_alone():
+    from proxsparse_hf.paths import scrub_local_paths
+
+    text = "calibrated on data=(/data/c4.jsonl),[/home/alice/x.txt] see https://hf.co/a/b"
+    assert scrub_local_paths(text) == "calibrated on data=(c4.jsonl),[x.txt] see https://hf.co/a/b"
+    prose = "the m_seed*/m_abs* runs ran in parallel, 16 x 8 / 32 x 2 accumulated, a/b relative"
+    assert scrub_local_paths(prose) == prose
+    assert scrub_local_paths("--note 'the m_seed*/m_abs* runs' --output /tmp/o.json") == (
+        "--note 'the m_seed*/m_abs* runs' --output o.json"
+    )
+
+
 def test_schema_1_files_load_with_a_derived_label():
     old = full_results().to_dict()
     for key in ("label", "settings", "telemetry"):

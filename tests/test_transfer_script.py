@@ -288,7 +288,7 @@ def test_budget_end_to_end_and_plots(script, data_dir, tmp_path):
         assert (tmp_path / name).stat().st_size > 0
     # one table of the learned runs of several files, with the flags a file added beyond its experiment's
     flagged = tmp_path / "flagged.json"
-    argv = [*argv[:4], "1k", "--output", str(flagged), "--device", "cpu", "--learn-flags", "--lr 0.02"]
+    argv = [*argv[:4], "1k", "--output", str(flagged), "--device", "cpu", "--learn-flags", "--lr 0.02 --grad-accum 2"]
     assert script.main(argv) == 0
     sweep = tmp_path / "sweep.md"
     sweep_argv = ["sweep", str(out), str(flagged), str(transfer), "--output", str(sweep), "--note", "n"]
@@ -298,11 +298,13 @@ def test_budget_end_to_end_and_plots(script, data_dir, tmp_path):
     assert [(r["file"], r["run"], r["flags"]) for r in rows] == [
         ("budget", "1k", smoke),
         ("budget", "4k", smoke),
-        ("flagged", "1k", f"--lr 0.02 {smoke}"),
+        ("flagged", "1k", f"--lr 0.02 --grad-accum 2 {smoke}"),
     ]  # dense and one-shot rows are left out
     assert rows[2]["learning_rate"] == pytest.approx(0.02) and rows[0]["batch"] == 16 and rows[0]["steps"] == 2
+    assert rows[2]["batch"] == 32  # windows per optimizer step: 16 x 2 accumulated
     table = sweep.read_text()
     assert table.rstrip().endswith("--note n") and "\nCommand:\n\n    python recipe_transfer.py sweep " in table
-    assert f"| flagged | 1k | `--lr 0.02 {smoke}` | 0.02 | 16 | 2 | 2,048 |" in table and table.startswith(
-        "# Recipe sweep\n\nn\n"
+    assert (
+        f"| flagged | 1k | `--lr 0.02 --grad-accum 2 {smoke}` | 0.02 | 32 | 2 | 4,096 |" in table
+        and table.startswith("# Recipe sweep\n\nn\n")
     )
