@@ -70,6 +70,8 @@ def local_name(path: str) -> str:
     assets = find_assets_dir()
     if assets is not None:
         inside = os.path.relpath(full, assets)
+        if inside == os.curdir:  # the data folder itself: its own name, not "."
+            return os.path.basename(os.path.normpath(assets))
         if not inside.startswith(os.pardir):
             return inside.replace(os.sep, "/")
     # A path recorded on another machine inside its shared data folder keeps the same name here.

@@ -415,6 +415,7 @@ def test_portable_name_keeps_hub_ids_and_names_local_files(tmp_path, monkeypatch
     (tmp_path / "zeroshot").mkdir()
     (tmp_path / "zeroshot" / "piqa.jsonl").write_text("{}\n")
     assert portable_name(str(tmp_path / "zeroshot" / "piqa.jsonl")) == "zeroshot/piqa.jsonl"
+    assert portable_name(str(tmp_path)) == tmp_path.name  # the data folder itself by its name, not "."
     assert portable_name("/other/box/shared/assets/data/c4/part.jsonl") == "c4/part.jsonl"
 
 
