@@ -13,7 +13,8 @@ work), random token windows of ``--seq-len`` tokens (packed: every position is a
 weights, gradients and optimizer state only for the targets (non-targets frozen; torch's AdamW keeps its two states in
 the parameter dtype, so bf16 here: 4 bytes per target parameter), the original-weight snapshot on the CPU
 (``snapshot_device="cpu"``, bf16 like the weights), the prox in place. ``--candidates`` lists ``BATCH/CKPT[/OPTIM]``
-plans (micro-batch, gradient checkpointing on/off, Trainer ``optim=``); with more than one, each is probed for
+plans (micro-batch, gradient checkpointing on/off, Trainer ``optim=``; ``--grad-accum`` micro-batches per optimizer
+step for all of them, e.g. ``1/off`` with 2 on an 80 GB card); with more than one, each is probed for
 ``--probe-steps`` steps with the callback (a plan that runs out of memory is recorded and skipped) and the fastest is
 measured for ``--steps`` steps with the callback and then without it (same plan, same frozen parameters, same steps):
 the callback's overhead. Step times are wall-clock between consecutive ``on_step_end`` events after a device

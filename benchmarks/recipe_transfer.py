@@ -48,6 +48,7 @@ import os
 import random
 import re
 import shlex
+import statistics
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -532,6 +533,10 @@ def run_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+# config fields that say where a run came from, not how it learned
+_PROVENANCE_KEYS = ("base_model_name_or_path", "revision", "proxsparse_version")
+
+
 def sweep_rows(paths: Sequence[str]) -> list[dict[str, Any]]:
     """One row per learned run of the given ``invariance`` / ``budget`` result files: the file, the run, the learning
     flags beyond the experiment's (``--learn-flags``), the learning rate, batch, steps, tokens and perplexities."""
@@ -550,6 +555,9 @@ def sweep_rows(paths: Sequence[str]) -> list[dict[str, Any]]:
                 continue  # dense and one-shot rows
             training = mc.get("training", {})
             budget = mc.get("budget", {})
+            # everything that defines the run but its seed: rows equal here differ only by the seed
+            same = {k: v for k, v in training.items() if k not in ("seed", "learning_rate", "logging_steps")}
+            config = {k: v for k, v in mc.get("proxsparse_config", {}).items() if k not in _PROVENANCE_KEYS}
             rows.append(
                 {
                     "file": os.path.splitext(os.path.basename(path))[0],
@@ -563,9 +571,36 @@ def sweep_rows(paths: Sequence[str]) -> list[dict[str, Any]]:
                     "steps": budget.get("steps"),
                     "tokens": budget.get("tokens") or (mc.get("calibration") or {}).get("tokens"),
                     "ppl": {d: r.ppl(d) for d in r.perplexity},
+                    "seed": training.get("seed"),
+                    "settings": json.dumps(
+                        [r.label, mc.get("learning_rate") or budget.get("learning_rate"), same, config], sort_keys=True
+                    ),
                 }
             )
     return rows
+
+
+def seed_means(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Rows of :func:`sweep_rows` that differ only by their seed, averaged: one entry per group of two or more seeds
+    (the files, the seeds and the mean perplexity per dataset), in the order of the groups' first rows."""
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(row["settings"], []).append(row)
+    means = []
+    for members in groups.values():
+        if len({m["seed"] for m in members}) < 2:
+            continue
+        datasets = [d for d in members[0]["ppl"] if all(d in m["ppl"] for m in members)]
+        means.append(
+            {
+                "files": [m["file"] for m in members],
+                "seeds": [m["seed"] for m in members],
+                "learning_rate": members[0]["learning_rate"],
+                "batch": members[0]["batch"],
+                "ppl": {d: statistics.fmean(m["ppl"][d] for m in members) for d in datasets},
+            }
+        )
+    return means
 
 
 def sweep_markdown(rows: Sequence[Mapping[str, Any]], title: str, note: str = "") -> str:
@@ -595,6 +630,20 @@ def sweep_markdown(rows: Sequence[Mapping[str, Any]], title: str, note: str = ""
             *(f"{row['ppl'][d]:.2f}" if d in row["ppl"] else "–" for d in datasets),
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    means = seed_means(rows)
+    if means:
+        lines += ["", "Means over seeds (rows whose settings differ only by the seed):", ""]
+        lines.append("| files | seeds | lr | batch | " + " | ".join(DATASET_TITLES.get(d, d) for d in datasets) + " |")
+        lines.append("|---|---|" + "---:|" * (2 + len(datasets)))
+        for m in means:
+            cells = [
+                ", ".join(m["files"]),
+                ", ".join(str(seed) for seed in m["seeds"]),
+                f"{m['learning_rate']:g}" if m["learning_rate"] else "–",
+                str(m["batch"] or "–"),
+                *(f"{m['ppl'][d]:.2f}" if d in m["ppl"] else "–" for d in datasets),
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

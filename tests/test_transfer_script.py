@@ -308,3 +308,34 @@ def test_budget_end_to_end_and_plots(script, data_dir, tmp_path):
         f"| flagged | 1k | `--lr 0.02 --grad-accum 2 {smoke}` | 0.02 | 32 | 2 | 4,096 |" in table
         and table.startswith("# Recipe sweep\n\nn\n")
     )
+
+
+def test_sweep_averages_runs_that_differ_only_by_their_seed(script):
+    def row(file, seed, lr, wiki, settings_lr=None, batch=2):
+        settings = json.dumps(["x1/proxsparse", settings_lr or lr, {"per_device_train_batch_size": batch}, {}])
+        return {
+            "file": file,
+            "run": "x1/proxsparse",
+            "flags": "",
+            "learning_rate": lr,
+            "batch": batch,
+            "steps": None,
+            "tokens": 100,
+            "ppl": {"wikitext2": wiki, "c4": wiki + 1},
+            "seed": seed,
+            "settings": settings,
+        }
+
+    rows = [
+        row("a", 0, 0.016, 70.0),
+        row("b", 1, 0.016, 74.0),
+        row("c", 0, 0.003, 60.0),  # other settings: a group of one seed, no mean
+        row("d", 2, 0.016, 75.0, batch=4),  # same lr, another batch: not averaged with a, b
+        row("e", 2, 0.016, 72.0),
+    ]
+    (mean,) = script.seed_means(rows)
+    assert mean["files"] == ["a", "b", "e"] and mean["seeds"] == [0, 1, 2]
+    assert mean["ppl"] == pytest.approx({"wikitext2": 72.0, "c4": 73.0})
+    table = script.sweep_markdown(rows, "t")
+    assert "| a, b, e | 0, 1, 2 | 0.016 | 2 | 72.00 | 73.00 |" in table
+    assert "Means over seeds" not in script.sweep_markdown(rows[2:4], "t")
