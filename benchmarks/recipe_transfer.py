@@ -83,12 +83,30 @@ class LearnInvocation:
         args: the parsed namespace (every other flag at its CLI default).
         config: the ``ProxSparseConfig`` the CLI builds.
         learn_kwargs: the keyword arguments the CLI passes to ``learn_mask``.
+        permute: the importance the CLI's channel permutation maximises before learning (``--permute``), or None.
     """
 
     flags: list[str]
     args: argparse.Namespace
     config: Any
     learn_kwargs: dict[str, Any]
+    permute: str | None = None
+
+    def resolve_permutation(self, model: Any) -> None:
+        """Decide ``--permute auto`` from the loaded model as the CLI does (its config, then its targets)."""
+        from proxsparse_hf.commands.common import resolve_permutation
+        from proxsparse_hf.permutation import permutable_layers
+
+        self.permute = resolve_permutation(self.args, self.permute, model.config)
+        if self.permute is not None and self.args.permute == "auto" and not permutable_layers(model, self.config):
+            self.permute = None
+
+    @property
+    def permute_options(self) -> dict[str, Any] | None:
+        """The ``permute_channels`` arguments the CLI uses (``MethodRun.permute``), or None without a permutation."""
+        if self.permute is None:
+            return None
+        return {"importance": self.permute, "batch_size": int(self.args.batch_size)}
 
     @property
     def learning_rate(self) -> float:
@@ -129,6 +147,7 @@ class LearnInvocation:
             "config": self.config.to_dict(),
             "learn_kwargs": dict(self.learn_kwargs),
             "learning_rate": self.learning_rate,
+            "permute": self.permute,
             "calibration": self.data_spec(),
             "dtype": self.args.dtype,
         }
@@ -142,6 +161,7 @@ def learn_invocation(model: str, flags: Sequence[str]) -> LearnInvocation:
     """
     from proxsparse_hf.cli import build_parser
     from proxsparse_hf.commands import learn as learn_command
+    from proxsparse_hf.commands.common import permutation_importance
 
     flags = [str(f) for f in flags]
     args = build_parser().parse_args(["learn", model, *flags, "--output-dir", "unused"])
@@ -168,7 +188,8 @@ def learn_invocation(model: str, flags: Sequence[str]) -> LearnInvocation:
         "fsdp": False,
         "fsdp_config": None,
     }
-    return LearnInvocation(flags, args, learn_command.build_config(args), kwargs)
+    config = learn_command.build_config(args)
+    return LearnInvocation(flags, args, config, kwargs, permutation_importance(args, "proxsparse", config))
 
 
 def load_invocation_data(inv: LearnInvocation, tokenizer: Any, n_samples: int | None = None):
@@ -400,6 +421,7 @@ def run_invariance(args: argparse.Namespace) -> int:
     smoke = bool(args.tiny or args.max_steps or args.max_windows or args.n_samples or args.seq_len)
     inv = learn_invocation(args.model or exp["model"], [*experiment_flags(exp, args), *smoke_flags(args)])
     model, tokenizer, model_name = load_model(exp, args, inv.args.dtype)
+    inv.resolve_permutation(model)
     calib = load_invocation_data(inv, tokenizer)
     calib_spec = inv.data_spec()
     options = eval_options(exp, args)
@@ -539,7 +561,8 @@ _PROVENANCE_KEYS = ("base_model_name_or_path", "revision", "proxsparse_version")
 
 def sweep_rows(paths: Sequence[str]) -> list[dict[str, Any]]:
     """One row per learned run of the given ``invariance`` / ``budget`` result files: the file, the run, the learning
-    flags beyond the experiment's (``--learn-flags``), the learning rate, batch, steps, tokens and perplexities."""
+    flags beyond the experiment's (``--learn-flags``), the channel permutation before learning (its importance, or
+    None), the learning rate, batch, steps, tokens and perplexities."""
     rows = []
     for path in paths:
         results, meta = read_previous(path)
@@ -558,6 +581,7 @@ def sweep_rows(paths: Sequence[str]) -> list[dict[str, Any]]:
             # everything that defines the run but its seed: rows equal here differ only by the seed
             same = {k: v for k, v in training.items() if k not in ("seed", "learning_rate", "logging_steps")}
             config = {k: v for k, v in mc.get("proxsparse_config", {}).items() if k not in _PROVENANCE_KEYS}
+            permutation = (mc.get("permutation") or {}).get("importance")  # the channel permutation before learning
             rows.append(
                 {
                     "file": os.path.splitext(os.path.basename(path))[0],
@@ -572,8 +596,10 @@ def sweep_rows(paths: Sequence[str]) -> list[dict[str, Any]]:
                     "tokens": budget.get("tokens") or (mc.get("calibration") or {}).get("tokens"),
                     "ppl": {d: r.ppl(d) for d in r.perplexity},
                     "seed": training.get("seed"),
+                    "permutation": permutation,
                     "settings": json.dumps(
-                        [r.label, mc.get("learning_rate") or budget.get("learning_rate"), same, config], sort_keys=True
+                        [r.label, mc.get("learning_rate") or budget.get("learning_rate"), same, config, permutation],
+                        sort_keys=True,
                     ),
                 }
             )
@@ -597,6 +623,7 @@ def seed_means(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
                 "seeds": [m["seed"] for m in members],
                 "learning_rate": members[0]["learning_rate"],
                 "batch": members[0]["batch"],
+                "permutation": members[0].get("permutation"),
                 "ppl": {d: statistics.fmean(m["ppl"][d] for m in members) for d in datasets},
             }
         )
@@ -610,6 +637,7 @@ def sweep_markdown(rows: Sequence[Mapping[str, Any]], title: str, note: str = ""
         "file",
         "run",
         "extra learn flags",
+        "permutation",
         "lr",
         "batch",
         "steps",
@@ -617,12 +645,13 @@ def sweep_markdown(rows: Sequence[Mapping[str, Any]], title: str, note: str = ""
         *(DATASET_TITLES.get(d, d) for d in datasets),
     ]
     lines = [f"# {title}", "", *([note, ""] if note else []), "| " + " | ".join(head) + " |"]
-    lines.append("|" + "---|" * 3 + "---:|" * (len(head) - 3))
+    lines.append("|" + "---|" * 4 + "---:|" * (len(head) - 4))
     for row in rows:
         cells = [
             row["file"],
             row["run"],
             f"`{row['flags']}`" if row["flags"] else "–",
+            row.get("permutation") or "–",
             f"{row['learning_rate']:g}" if row["learning_rate"] else "–",
             str(row["batch"] or "–"),
             str(row["steps"] or "–"),
@@ -633,12 +662,14 @@ def sweep_markdown(rows: Sequence[Mapping[str, Any]], title: str, note: str = ""
     means = seed_means(rows)
     if means:
         lines += ["", "Means over seeds (rows whose settings differ only by the seed):", ""]
-        lines.append("| files | seeds | lr | batch | " + " | ".join(DATASET_TITLES.get(d, d) for d in datasets) + " |")
-        lines.append("|---|---|" + "---:|" * (2 + len(datasets)))
+        titles = " | ".join(DATASET_TITLES.get(d, d) for d in datasets)
+        lines.append(f"| files | seeds | permutation | lr | batch | {titles} |")
+        lines.append("|---|---|---|" + "---:|" * (2 + len(datasets)))
         for m in means:
             cells = [
                 ", ".join(m["files"]),
                 ", ".join(str(seed) for seed in m["seeds"]),
+                m.get("permutation") or "–",
                 f"{m['learning_rate']:g}" if m["learning_rate"] else "–",
                 str(m["batch"] or "–"),
                 *(f"{m['ppl'][d]:.2f}" if d in m["ppl"] else "–" for d in datasets),
@@ -679,7 +710,12 @@ def make_method_run(run: Mapping[str, Any], label: str, inv: LearnInvocation) ->
         if "lr_factor" in run:
             options["learning_rate"] = inv.learning_rate * float(run["lr_factor"])
         return MethodRun(
-            run["method"], label=label, options=options, config=inv.config, description=run.get("description", "")
+            run["method"],
+            label=label,
+            options=options,
+            config=inv.config,
+            description=run.get("description", ""),
+            permute=inv.permute_options,
         )
     return MethodRun(
         run["method"],
@@ -687,6 +723,7 @@ def make_method_run(run: Mapping[str, Any], label: str, inv: LearnInvocation) ->
         options=dict(run.get("options", {})),
         config=inv.config,
         description=run.get("description", ""),
+        permute=run.get("permute"),
     )
 
 
@@ -846,6 +883,7 @@ def run_budget(args: argparse.Namespace) -> int:
     )
     plan = budget_plan(budgets, inv.args.seq_len, inv.windows_per_step)
     model, tokenizer, model_name = load_model(exp, args, inv.args.dtype)
+    inv.resolve_permutation(model)
     rows, meta = read_previous(args.output)
     commands = with_command(meta, args.command_line)
     by_label = {r.label: r for r in rows}
@@ -915,6 +953,7 @@ def run_budget(args: argparse.Namespace) -> int:
             options=dict(inv.learn_kwargs),
             config=inv.config,
             description=f"{budget_label(budget)}-token budget",
+            permute=inv.permute_options,
         )
         (result,) = run_comparison(
             model,

@@ -24,6 +24,7 @@ from proxsparse_hf.config import recipe_learning_rate
 from proxsparse_hf.data import load_calibration_data, resolve_document_range
 from proxsparse_hf.learning.trainer import warmup_arguments
 from proxsparse_hf.loading import load_config, load_model_and_tokenizer
+from proxsparse_hf.permutation import permutable_layers, permutation_importance_for, permute_channels
 from trainer_callbacks import ProxSparseCallback
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,6 +49,12 @@ def main() -> None:
     parser.add_argument("--recipe", default="recommended", choices=["recommended", "published"])
     parser.add_argument("--lambda1", type=float, default=None, help="override the recipe's lambda1")
     parser.add_argument("--lr", type=float, default=None, help="learning rate (default: the recipe's)")
+    parser.add_argument(
+        "--no-permute",
+        action="store_true",
+        help="keep the checkpoint's channel order (by default, as `proxsparse learn` does, the input channels of "
+        "o_proj / down_proj are permuted first so more importance fits the 2:4 groups; the function is unchanged)",
+    )
     parser.add_argument("--output-dir", default=os.path.join(REPO, "outputs", "smollm2-proxsparse"))
     args = parser.parse_args()
     if args.model is None:
@@ -72,6 +79,10 @@ def main() -> None:
         parser.exit(2, f"error: --dataset {args.dataset!r}: {str(exc).splitlines()[0]}\n")
     overrides = {} if args.lambda1 is None else {"lambda1": args.lambda1}
     config = ProxSparseConfig.from_recipe(args.recipe, **overrides)  # recommended: activation importance, per-layer λ
+    permutation = None
+    if not args.no_permute and permutable_layers(model, config):  # Llama, Mistral, Qwen2: what `proxsparse learn` does
+        importance = permutation_importance_for("proxsparse", config)
+        permutation = permute_channels(model, config, importance, data, batch_size=2)
     callback = ProxSparseCallback(config)
     trainer = Trainer(
         model=model,
@@ -102,9 +113,14 @@ def main() -> None:
         config=callback.config,
         masks=callback.masks,
         method="proxsparse",
-        run_info={"wall_time_s": wall, "calibration": {"dataset": args.dataset, "tokens": data.num_tokens}},
+        run_info={
+            "wall_time_s": wall,
+            "calibration": {"dataset": args.dataset, "tokens": data.num_tokens},
+            "permutation": None if permutation is None else permutation.summary(),
+        },
         training_log=trainer.state.log_history,
         overwrite=True,
+        permutation=None if permutation is None else permutation.index_maps,  # lets a mask adapter replay it
     )
     print(callback.report.to_markdown(max_rows=7))
     print(

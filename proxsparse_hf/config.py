@@ -186,7 +186,10 @@ class ProxSparseConfig:
         ``step_scaling="weight_rms"``; train it with the *relative* learning rate ``RECIPES["recommended"]
         ["learning_rate"]`` (a step relative to each layer's RMS(W0)), batches of 2 windows, 10 % warm-up and no
         global gradient clipping (the defaults of ``learn_mask`` and the CLI). Chosen in
-        ``benchmarks/results/recipe_sweep_smollm2_h200/README.md`` (see docs/quality.md)."""
+        ``benchmarks/results/recipe_sweep_smollm2_h200/README.md`` (see docs/quality.md). ``proxsparse learn`` also
+        permutes the input channels of ``o_proj`` / ``down_proj`` first (``--permute auto``; in Python
+        :func:`proxsparse_hf.permutation.permute_channels` before training), which is not a config field: it changes
+        the checkpoint, function-preserving, not the learning."""
         return cls.from_recipe("recommended", **overrides)
 
     def __post_init__(self) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 CONFIG_NAME = "proxsparse_config.json"
 MASKS_NAME = "proxsparse_masks.safetensors"
 PACKED_MASKS_NAME = "proxsparse_masks_packed.safetensors"
+PERMUTATION_NAME = "proxsparse_permutation.safetensors"  # the channel permutation folded in before the mask was found
 REPORT_NAME = "sparsity_report.json"
 EVAL_RESULTS_NAME = "eval_results.json"
 TRAINING_LOG_NAME = "training_log.json"

@@ -14,7 +14,14 @@ from tiny_models import tiny_corpus, tiny_model, tiny_tokenizer
 from proxsparse_hf import ProxSparseConfig, is_2to4, load_masks
 from proxsparse_hf.artefacts import load_output_dir
 from proxsparse_hf.cli import main
-from proxsparse_hf.constants import CONFIG_NAME, MASKS_NAME, REPORT_NAME, RUN_INFO_NAME, TRAINING_LOG_NAME
+from proxsparse_hf.constants import (
+    CONFIG_NAME,
+    MASKS_NAME,
+    PERMUTATION_NAME,
+    REPORT_NAME,
+    RUN_INFO_NAME,
+    TRAINING_LOG_NAME,
+)
 from proxsparse_hf.learning.distill import distillation_loss
 from proxsparse_hf.paths import fingerprint_local_model
 
@@ -26,6 +33,16 @@ def tiny_setup(tmp_path):
     tiny_tokenizer().save_pretrained(tmp_path / "model")
     (tmp_path / "calib.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in tiny_corpus(40)))
     return tmp_path, model.state_dict()
+
+
+def as_learned_on(original, out):
+    """The original state dict re-indexed by the channel permutation the run folded in first (``proxsparse learn``
+    permutes by default): the weights the learned masks apply to."""
+    from proxsparse_hf.permutation import load_index_maps
+
+    path = out / PERMUTATION_NAME
+    maps = load_index_maps(path) if path.is_file() else {}
+    return {k: v.index_select(maps[k][0], maps[k][1]) if k in maps else v for k, v in original.items()}
 
 
 def _learn(tmp, *extra):
@@ -93,6 +110,8 @@ def test_learn_writes_the_output_folder(tiny_setup, capsys):
 
     pruned = AutoModelForCausalLM.from_pretrained(out).state_dict()
     masks = load_masks(out / MASKS_NAME)
+    assert len(result.run_info.permuted_layers) == 4 and (out / PERMUTATION_NAME).is_file()  # --permute auto
+    original = as_learned_on(original, out)
     for name, mask in masks.items():
         assert is_2to4(pruned[name])
         assert torch.equal(pruned[name][mask], original[name][mask])
@@ -263,6 +282,7 @@ def test_learn_with_a_device_map(tiny_setup, capsys, device_map):
     from transformers import AutoModelForCausalLM
 
     pruned = AutoModelForCausalLM.from_pretrained(tmp / "out").state_dict()
+    original = as_learned_on(original, tmp / "out")
     for name, mask in masks.items():
         assert is_2to4(pruned[name]) and torch.equal(pruned[name][mask], original[name][mask])
 

@@ -36,3 +36,36 @@ def test_learn_mask_refuses_a_model_it_cannot_read_before_loading_weights(tmp_pa
     result = _run(["--model", str(tmp_path / "model")], str(tmp_path / "data"))
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1].startswith("error: --model: Cannot load model")
+
+
+def test_learn_mask_example_permutes_like_the_cli_unless_told_not_to(tmp_path):
+    """End to end on a tiny Llama: the example permutes the channels first (as ``proxsparse learn`` does by default),
+    records it in run_info.json and writes a 2:4 model that loads; ``--no-permute`` keeps the checkpoint's order."""
+    import json
+
+    from tiny_data import write_jsonl
+    from tiny_models import tiny_corpus, tiny_model, tiny_tokenizer
+
+    model_dir = tmp_path / "model"
+    tiny_model("llama", vocab=128, hidden=64).save_pretrained(model_dir)
+    tiny_tokenizer(128).save_pretrained(model_dir)
+    (tmp_path / "data" / "c4-validation-2k").mkdir(parents=True)
+    write_jsonl(tmp_path / "data" / "c4-validation-2k" / "c4_validation_2k.jsonl", tiny_corpus(2000, 40))
+    for extra, permuted in (([], True), (["--no-permute"], False)):
+        out = tmp_path / f"out-{permuted}"
+        args = ["--model", str(model_dir), "--n-samples", "4", "--seq-len", "16", "--output-dir", str(out), *extra]
+        result = _run(args, str(tmp_path / "data"))
+        assert result.returncode == 0, result.stderr[-3000:]
+        info = json.loads((out / "run_info.json").read_text())
+        if permuted:
+            assert info["permutation"]["importance"] == "activation"
+            assert set(info["permutation"]["layers"]) == {
+                f"model.layers.{i}.{name}" for i in range(2) for name in ("self_attn.o_proj", "mlp.down_proj")
+            }
+        else:
+            assert info.get("permutation") is None
+        from proxsparse_hf import load_pruned
+        from proxsparse_hf.masks import is_2to4
+
+        model = load_pruned(str(out))
+        assert is_2to4(model.model.layers[0].mlp.down_proj.weight)

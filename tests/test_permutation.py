@@ -14,6 +14,7 @@ from tiny_models import random_windows, tiny_config, tiny_corpus, tiny_model, ti
 from proxsparse_hf import permutation
 from proxsparse_hf.artefacts import load_output_dir
 from proxsparse_hf.cli import main as cli_main
+from proxsparse_hf.constants import PERMUTATION_NAME
 from proxsparse_hf.masks import is_2to4
 from proxsparse_hf.permutation import (
     find_permutation,
@@ -304,8 +305,54 @@ def test_prune_with_permute_end_to_end(workspace, tmp_path, capsys):
     assert "after a channel permutation of 4 layers" in card.content
     from proxsparse_hf.artefacts import get_artefact
 
-    with pytest.raises(ValueError, match=r"input channels of 4 layers were permuted"):
-        get_artefact("mask").validate(output.with_model())
+    get_artefact("mask").validate(output.with_model())  # the folder keeps the permutation: an adapter can replay it
+    (tmp_path / "out" / PERMUTATION_NAME).unlink()  # without it (a folder of an older version) it cannot
+    with pytest.raises(ValueError, match=r"input channels of 4 layers were permuted .* was not saved .*--no-permute"):
+        get_artefact("mask").validate(load_output_dir(str(tmp_path / "out")).with_model())
+
+
+def test_learn_permutes_by_default_and_its_mask_adapter_replays_the_permutation(workspace, tmp_path, capsys):
+    """``proxsparse learn`` permutes the channels by default; the folder keeps the permutation, the mask-only adapter
+    carries it, and applied to the base model the adapter reproduces the learned model bit for bit. A permutation
+    that does not fit the base model is refused before the model changes."""
+    from transformers import AutoModelForCausalLM
+
+    from proxsparse_hf import apply_proxsparse
+    from proxsparse_hf.permutation import load_index_maps, save_index_maps
+
+    argv = ["learn", "MODEL", "--dataset", "CALIB", "--n-samples", "4", "--seq-len", "16", "--max-steps", "2"]
+    assert cli_main(_argv([*argv, "--device", "cpu", "-o", "OUT"], workspace, tmp_path)) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["permuted_layers"] == 4
+    out = tmp_path / "out"
+    output = load_output_dir(str(out))
+    assert output.run_info["permutation"]["importance"] == "activation" and len(output.run_info.permuted_layers) == 4
+    maps = output.load_permutation()
+    assert {f"{name}.weight" for name in output.run_info.permuted_layers} <= set(maps)
+    assert {dim for dim, _ in maps.values()} == {0, 1}
+    assert cli_main(["export", str(out), "-o", str(tmp_path / "adapter"), "--artefact", "mask"]) == 0
+    adapter = tmp_path / "adapter"
+    assert (adapter / PERMUTATION_NAME).is_file()
+    learned = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    base = AutoModelForCausalLM.from_pretrained(workspace / "model")
+    original = {k: v.clone() for k, v in base.state_dict().items()}
+    changed = [k for k in learned if not torch.equal(learned[k], original[k])]
+    assert any(k.endswith("v_proj.weight") for k in changed)  # a producer moved: the permutation, not only masks
+    model = apply_proxsparse(base, str(adapter))
+    assert all(torch.equal(v, learned[k]) for k, v in model.state_dict().items())
+    # an index that is not a permutation of its dimension: refused, the base model untouched
+    bad = load_index_maps(adapter / PERMUTATION_NAME)
+    name = next(n for n in bad if n.endswith("down_proj.weight"))
+    dim, index = bad[name]
+    bad[name] = (dim, torch.zeros_like(index))
+    save_index_maps(bad, adapter / PERMUTATION_NAME)
+    base = AutoModelForCausalLM.from_pretrained(workspace / "model")
+    with pytest.raises(ValueError, match=rf"permutation of `{re.escape(name)}` is not a permutation"):
+        apply_proxsparse(base, str(adapter))
+    assert all(torch.equal(v, original[k]) for k, v in base.state_dict().items())
+    # an adapter that names its permutation but lost the file
+    (adapter / PERMUTATION_NAME).unlink()
+    with pytest.raises(ValueError, match=r"names a channel permutation .* but does not hold it"):
+        apply_proxsparse(base, str(adapter))
 
 
 def test_learn_with_permute_records_it(workspace, tmp_path, capsys):
@@ -323,7 +370,7 @@ def test_learn_with_permute_records_it(workspace, tmp_path, capsys):
     [
         (
             ["prune", "MODEL", "--method", "magnitude", "--permute-importance", "ria", "-o", "OUT"],
-            r"`--permute-importance`='ria' needs `--permute`\.$",
+            r"`--permute-importance`='ria' needs `--permute` \(yes or auto\)\.$",
         ),
         (
             ["prune", "GPT2", "--method", "magnitude", "--permute", "-o", "OUT"],
@@ -333,6 +380,15 @@ def test_learn_with_permute_records_it(workspace, tmp_path, capsys):
             ["prune", "MODEL", "--method", "magnitude", "--permute", "--permute-importance", "size", "-o", "OUT"],
             r"invalid choice: 'size'",
         ),
+        (
+            ["learn", "GPT2", "--permute", "yes", "-o", "OUT", *CALIB[:-1]],
+            r"`model_type`='gpt2' is not supported by the channel permutation; allowed: llama, mistral, qwen2\.$",
+        ),
+        (
+            ["learn", "MODEL", "--no-permute", "--permute-importance", "ria", "-o", "OUT", *CALIB[:-1]],
+            r"`--permute-importance`='ria' needs `--permute` \(yes or auto\)\.$",
+        ),
+        (["learn", "MODEL", "--permute", "maybe", "-o", "OUT", *CALIB[:-1]], r"invalid choice: 'maybe'"),
         (
             ["compare", "MODEL", "--methods", "dense,wanda+permutation", "-o", "OUT", *CALIB],
             r"`--methods`='dense,wanda\+permutation' is invalid; .* followed by '\+perm'\.$",
@@ -412,3 +468,49 @@ def test_permutation_search_benchmark_measures_every_refinement_and_the_residual
     assert len(per_layer) == 2 and all(r["pruned_change_own"] <= 0 for r in per_layer)
     with pytest.raises(SystemExit):
         script.main(["--output", str(out), "--refine", "greedy"])
+
+
+def test_input_norms_read_only_the_first_max_windows():
+    """A large calibration set costs no extra pass: the norms come from the first ``max_windows`` windows, so the
+    permutation equals the one computed on those windows alone, and differs from the one on all of them."""
+    from proxsparse_hf.pruners.capture import CalibrationBatches
+
+    windows = torch.cat([random_windows(3, 16, seed=1), random_windows(5, 16, seed=2) * 0 + 7])
+    first = {}
+    for calibration, max_windows in ((windows, 3), (windows[:3], None), (windows, None)):
+        model = tiny_model("llama")
+        report = permute_channels(
+            model, importance="activation", calibration=calibration, batch_size=2, max_windows=max_windows
+        )
+        first[(calibration.shape[0], max_windows)] = {k: v.clone() for k, v in report.permutations.items()}
+    capped, alone, everything = first[(8, 3)], first[(3, None)], first[(8, None)]
+    assert all(torch.equal(capped[k], alone[k]) for k in capped)
+    assert any(not torch.equal(capped[k], everything[k]) for k in capped)
+    batches = CalibrationBatches.from_any(windows, batch_size=2)
+    assert [b["input_ids"].shape[0] for b in batches.first(3).batches] == [2, 1]
+    assert batches.first(100).num_samples == 8
+    with pytest.raises(ValueError, match=r"`max_windows`=0 is invalid; allowed: None or an integer >= 1\."):
+        permute_channels(tiny_model("llama"), importance="activation", calibration=windows, max_windows=0)
+
+
+def test_permute_auto_decides_from_the_architecture_and_the_launch(monkeypatch):
+    """``--permute auto`` permutes a supported architecture in a single-process run only; ``yes`` insists (and
+    refuses an unsupported one); ``no`` never permutes."""
+    import argparse
+
+    from proxsparse_hf.commands.common import resolve_permutation
+
+    llama, gpt2 = tiny_config("llama"), tiny_config("gpt2")
+
+    def args(permute, fsdp=False):
+        return argparse.Namespace(permute=permute, fsdp=fsdp)
+
+    assert resolve_permutation(args("auto"), "activation", llama) == "activation"
+    assert resolve_permutation(args("auto"), "activation", gpt2) is None
+    assert resolve_permutation(args("auto", fsdp=True), "activation", llama) is None
+    assert resolve_permutation(args("no"), None, llama) is None
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun / accelerate launch: every rank would search on its own
+    assert resolve_permutation(args("auto"), "activation", llama) is None
+    assert resolve_permutation(args("yes"), "activation", llama) == "activation"
+    with pytest.raises(ValueError, match=r"`model_type`='gpt2' is not supported"):
+        resolve_permutation(args("yes"), "activation", gpt2)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import math
@@ -85,6 +86,58 @@ def test_learn_invocation_is_what_the_cli_passes_to_learn_mask(script, data_dir,
         assert torch.equal(script.load_invocation_data(inv, script.byte_tokenizer()).input_ids, seen["windows"])
     assert inv.learning_rate == 0.02 and inv.windows_per_step == 16 and inv.steps(40) == 3
     assert inv.data_spec(8)["tokens"] == 8 * 32
+
+
+def test_learn_invocation_permutes_as_the_cli_does(script, data_dir, tmp_path, monkeypatch):
+    """The CLI's channel permutation (``--permute auto``, the default) reaches the learned runs: the CLI permutes
+    before learn_mask with the config's importance, and so does the MethodRun the benchmark builds; ``--no-permute``
+    and an architecture the permutation does not support (auto) leave the channels alone, in both."""
+    from proxsparse_hf.cli import build_parser
+    from proxsparse_hf.commands import learn as learn_command
+    from proxsparse_hf.learning import trainer
+    from proxsparse_hf.permutation import folding
+
+    real_permute = folding.permute_channels
+    seen = []
+
+    def spy_permute(model, config, importance, calibration=None, **kwargs):
+        seen.append((importance, kwargs.get("batch_size")))
+        return real_permute(model, config, importance, calibration, **kwargs)
+
+    def fake_learn_mask(model, data, config, **kwargs):
+        raise _Stop
+
+    monkeypatch.setattr("proxsparse_hf.permutation.permute_channels", spy_permute)
+    monkeypatch.setattr(trainer, "learn_mask", fake_learn_mask)
+    base = ["--dataset", "c4", "--seq-len", "32", "--n-samples", "4"]
+    for arch, extra, expected in (
+        ("llama", [], "activation"),
+        ("llama", ["--no-permute"], None),
+        ("llama", ["--permute", "--permute-importance", "magnitude"], "magnitude"),
+        ("gpt2", [], None),
+    ):
+        folder = tmp_path / arch
+        if not folder.exists():
+            tiny_model(arch, vocab=257, hidden=64).save_pretrained(folder)
+            script.byte_tokenizer().save_pretrained(folder)
+        seen.clear()
+        flags = [*base, *extra]
+        args = build_parser().parse_args(["learn", str(folder), *flags, "--output-dir", str(tmp_path / "out")])
+        with pytest.raises(_Stop):
+            learn_command.run(args)
+        assert seen == ([] if expected is None else [(expected, 2)])
+        inv = script.learn_invocation(str(folder), flags)
+        model, _, _ = script.load_model(
+            {"model": str(folder)}, argparse.Namespace(model=None, tiny=False, device="cpu"), "float32"
+        )
+        inv.resolve_permutation(model)
+        assert inv.permute == expected and inv.to_dict()["permute"] == expected
+        learned = script.make_method_run({"name": "proxsparse", "method": "proxsparse"}, "x1/proxsparse", inv)
+        assert learned.permute == (None if expected is None else {"importance": expected, "batch_size": 2})
+        # a one-shot baseline is permuted only when its run asks for it
+        assert script.make_method_run({"name": "sparsegpt", "method": "sparsegpt"}, "x1/s", inv).permute is None
+        one_shot = {"name": "sparsegpt+perm", "method": "sparsegpt", "permute": {}}
+        assert script.make_method_run(one_shot, "x1/sparsegpt+perm", inv).permute == {}
 
 
 def test_the_default_invocation_has_no_tuning_flags(script):
@@ -305,7 +358,7 @@ def test_budget_end_to_end_and_plots(script, data_dir, tmp_path):
     table = sweep.read_text()
     assert table.rstrip().endswith("--note n") and "\nCommand:\n\n    python recipe_transfer.py sweep " in table
     assert (
-        f"| flagged | 1k | `--lr 0.02 --grad-accum 2 {smoke}` | 0.02 | 32 | 2 | 4,096 |" in table
+        f"| flagged | 1k | `--lr 0.02 --grad-accum 2 {smoke}` | activation | 0.02 | 32 | 2 | 4,096 |" in table
         and table.startswith("# Recipe sweep\n\nn\n")
     )
 
@@ -337,5 +390,31 @@ def test_sweep_averages_runs_that_differ_only_by_their_seed(script):
     assert mean["files"] == ["a", "b", "e"] and mean["seeds"] == [0, 1, 2]
     assert mean["ppl"] == pytest.approx({"wikitext2": 72.0, "c4": 73.0})
     table = script.sweep_markdown(rows, "t")
-    assert "| a, b, e | 0, 1, 2 | 0.016 | 2 | 72.00 | 73.00 |" in table
+    assert "| a, b, e | 0, 1, 2 | – | 0.016 | 2 | 72.00 | 73.00 |" in table
     assert "Means over seeds" not in script.sweep_markdown(rows[2:4], "t")
+
+
+def test_sweep_rows_tell_permuted_runs_apart(script, tmp_path):
+    """Two learned runs that differ by the channel permutation before learning (and their seed) are not averaged."""
+    from proxsparse_hf.evaluation import EvalResults, save_comparison
+
+    def result_file(name, seed, permutation):
+        mc = {
+            "proxsparse_config": {"lambda1": 0.03},
+            "training": {"seed": seed, "per_device_train_batch_size": 2},
+            "learning_rate": 0.016,
+            **({"permutation": {"importance": permutation}} if permutation else {}),
+        }
+        ppl = {"wikitext2": {"ppl": 70.0 + seed, "nll": 4.0, "num_tokens": 10, "num_windows": 1, "seq_len": 8}}
+        row = EvalResults(model="m", method="proxsparse", label="x1/proxsparse", method_config=mc, perplexity=ppl)
+        path = tmp_path / f"{name}.json"
+        save_comparison(path, [row], learn_invocation={"command": "proxsparse learn MODEL --output-dir OUT"})
+        return str(path)
+
+    rows = script.sweep_rows([result_file("a", 0, None), result_file("b", 1, "activation")])
+    assert [r["permutation"] for r in rows] == [None, "activation"]
+    assert script.seed_means(rows) == []
+    rows = script.sweep_rows([result_file("c", 0, "activation"), result_file("d", 1, "activation")])
+    (mean,) = script.seed_means(rows)
+    assert mean["permutation"] == "activation" and mean["ppl"]["wikitext2"] == pytest.approx(70.5)
+    assert "| c | x1/proxsparse | – | activation | 0.016 | 2 |" in script.sweep_markdown(rows, "t")

@@ -34,6 +34,7 @@ from ..constants import (
     CONFIG_NAME,
     EVAL_RESULTS_NAME,
     MASKS_NAME,
+    PERMUTATION_NAME,
     REPORT_NAME,
     RUN_INFO_NAME,
     SUPPORTED_M,
@@ -143,6 +144,9 @@ class PrunedModel:
         model: the pruned model (dense weights with zeros); None until loaded.
         tokenizer: saved with the artefacts that carry one, when given.
         masks: boolean masks keyed by weight name; None: read from the folder or derived from the weights.
+        permutation: the channel permutation folded into the weights before the mask was found, as
+            ``{parameter name: (dim, index)}`` (:mod:`proxsparse_hf.permutation.record`); None: read from the folder
+            (:data:`~proxsparse_hf.constants.PERMUTATION_NAME`) when it has one.
     """
 
     config: ProxSparseConfig
@@ -153,6 +157,7 @@ class PrunedModel:
     model: nn.Module | None = None
     tokenizer: Any = None
     masks: dict[str, torch.Tensor] | None = None
+    permutation: dict[str, tuple[int, torch.Tensor]] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.run_info, RunInfo):
@@ -170,6 +175,17 @@ class PrunedModel:
             return None
         path = os.path.join(self.path, MASKS_NAME)
         return path if os.path.isfile(path) else None
+
+    def load_permutation(self) -> dict[str, tuple[int, torch.Tensor]] | None:
+        """The channel permutation folded into the weights (given, else the folder's file), or None without one."""
+        if self.permutation is not None:
+            return dict(self.permutation)
+        path = None if self.path is None else os.path.join(self.path, PERMUTATION_NAME)
+        if path is None or not os.path.isfile(path):
+            return None
+        from ..permutation.record import load_index_maps
+
+        return load_index_maps(path)
 
     def load_masks(self, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
         """The masks: given ones, else the folder's masks file.
@@ -278,6 +294,7 @@ def save_pruned_output(
     run_info: Mapping[str, Any] | None = None,
     training_log: list[dict[str, Any]] | None = None,
     overwrite: bool = False,
+    permutation: Mapping[str, tuple[int, torch.Tensor]] | None = None,
 ) -> PrunedModel:
     """Write the standard output folder for a pruned ``model``.
 
@@ -291,6 +308,9 @@ def save_pruned_output(
         run_info: extra facts for ``run_info.json`` (see :class:`~proxsparse_hf.artefacts.run_info.RunInfo`).
         training_log: the Trainer's ``log_history`` (written as ``training_log.json``).
         overwrite: replace an existing non-empty folder (the old one is removed only after the new one is complete).
+        permutation: the channel permutation folded in before the mask was found
+            (``PermutationReport.index_maps``), saved as :data:`~proxsparse_hf.constants.PERMUTATION_NAME` so a
+            mask-only adapter can replay it on the base model.
     """
     methods = _method_names()
     if method not in methods:
@@ -325,6 +345,10 @@ def save_pruned_output(
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         save_masks(masks, os.path.join(staging, MASKS_NAME), metadata={"method": method})
+        if permutation:
+            from ..permutation.record import save_index_maps
+
+            save_index_maps(permutation, os.path.join(staging, PERMUTATION_NAME))
         output.save_metadata(staging)
         if training_log is not None:
             atomic_write_json(os.path.join(staging, TRAINING_LOG_NAME), training_log)

@@ -1,6 +1,8 @@
 """The mask-only adapter: the packed 2:4 masks (0.67 bit per weight), ``proxsparse_config.json`` (with the base model
 id and revision) and a manifest of weight names, shapes and fingerprints; :func:`apply_proxsparse` applies it to the
-base model's original weights.
+base model's original weights. A mask found after a channel permutation (``proxsparse learn``'s default) carries that
+permutation (:data:`~proxsparse_hf.constants.PERMUTATION_NAME`, a few KB of indices): the base model is re-indexed
+the same way first, which leaves its function unchanged, and the masks then apply to its weights.
 
 A mask learned on a local base model records the base name and SHA-256 of that model instead of its path; applying
 it then needs the base model passed explicitly (``apply_proxsparse(base_model, adapter)``).
@@ -20,9 +22,10 @@ from torch import nn
 
 from .._version import __version__
 from ..config import ProxSparseConfig
-from ..constants import PACKED_MASKS_NAME
+from ..constants import PACKED_MASKS_NAME, PERMUTATION_NAME
 from ..loading import model_revision, resolve_dtype
 from ..masks import apply_2to4_masks
+from ..permutation.record import apply_index_maps, check_index_maps, load_index_maps, save_index_maps
 from ..utils import atomic_write_json, read_json, save_safetensors_atomic
 from .base import PrunedModel
 from .export import save_artefact
@@ -46,7 +49,7 @@ class MaskAdapterFormat(ArtefactFormat):
 
     name = "mask"
     label = "mask-only adapter"
-    files = (PACKED_MASKS_NAME, MASK_MANIFEST_NAME)
+    files = (PACKED_MASKS_NAME, MASK_MANIFEST_NAME, PERMUTATION_NAME)
     base_model_relation = "adapter"
     card_tag = "mask-adapter"
     casts_dtype = False
@@ -62,12 +65,17 @@ class MaskAdapterFormat(ArtefactFormat):
                 "The kept weights of this model were updated (run_info says update_weights=True), so a mask applied "
                 "to the base model would not reproduce it; share the dense or compact artefact instead."
             )
-        if source.run_info.permuted_layers:
-            raise ValueError(
-                f"The input channels of {len(source.run_info.permuted_layers)} layers were permuted before pruning "
-                "(run_info says `permutation`), so a mask applied to the base model would not reproduce this model; "
-                "share the dense or compact artefact instead."
-            )
+        permuted = source.run_info.permuted_layers
+        if permuted:
+            maps = source.load_permutation() or {}
+            missing = [name for name in permuted if f"{name}.weight" not in maps]
+            if missing:
+                raise ValueError(
+                    f"The input channels of {len(permuted)} layers were permuted before pruning (run_info says "
+                    f"`permutation`) but the permutation of `{missing[0]}` was not saved with the model, so a mask "
+                    "applied to the base model would not reproduce it; share the dense or compact artefact, or learn "
+                    "again with --no-permute."
+                )
         if not source.config.base_model_name_or_path:
             raise ValueError(
                 "`base_model_name_or_path` is unknown: a mask adapter must name the model it applies to. Pass "
@@ -100,6 +108,9 @@ class MaskAdapterFormat(ArtefactFormat):
                 "kept_abs_sum": float(weight.double().abs().sum()),
             }
         save_safetensors_atomic(packed, os.path.join(directory, PACKED_MASKS_NAME), {"format": MASK_FORMAT})
+        permutation = source.load_permutation() if source.run_info.permuted_layers else None
+        if permutation:
+            save_index_maps(permutation, os.path.join(directory, PERMUTATION_NAME))
         model_config = getattr(source.model, "config", None)
         manifest = {
             **format_header(MASK_FORMAT),
@@ -110,6 +121,8 @@ class MaskAdapterFormat(ArtefactFormat):
             "model_type": getattr(model_config, "model_type", None),
             "architecture": type(source.model).__name__,
             "weights": weights,
+            # re-indexed before the masks apply (the channel permutation the mask was found after)
+            **({"permutation_file": PERMUTATION_NAME} if permutation else {}),
             "proxsparse_version": __version__,
         }
         atomic_write_json(os.path.join(directory, MASK_MANIFEST_NAME), manifest)
@@ -232,6 +245,17 @@ def _check_weights(model: nn.Module, manifest: dict[str, Any]) -> dict[str, nn.P
     return params
 
 
+def _load_permutation(path: str, manifest: dict[str, Any]) -> dict[str, tuple[int, torch.Tensor]]:
+    """The adapter's channel permutation (``{}`` without one)."""
+    name = manifest.get("permutation_file")
+    if not name:
+        return {}
+    file = os.path.join(path, os.path.basename(name))
+    if not os.path.isfile(file):
+        raise ValueError(f"The adapter {path!r} names a channel permutation ({name}) but does not hold it.")
+    return load_index_maps(file)
+
+
 def apply_proxsparse(
     base_model: str | nn.Module | None,
     repo_or_dir: str | os.PathLike,
@@ -283,6 +307,9 @@ def apply_proxsparse(
         raise TypeError(f"`base_model` must be a model, a model id or a path, got {type(base_model).__name__}.")
     _check_revision(model, manifest, check_revision)
     params = _check_weights(model, manifest)
+    permutation = _load_permutation(path, manifest)
+    if permutation:
+        check_index_maps(model, permutation)  # before anything changes
     weights: dict[str, dict[str, Any]] = manifest["weights"]
     packed = load_file(os.path.join(path, manifest.get("masks_file", PACKED_MASKS_NAME)))
     masks = {
@@ -296,6 +323,9 @@ def apply_proxsparse(
                 continue
             with torch.no_grad():
                 weight = params[name].detach()
+                if name in permutation:  # the weights the mask was found on: the base model's, permuted
+                    dim, index = permutation[name]
+                    weight = weight.index_select(dim, index.to(weight.device))
                 actual = float(torch.where(masks[name].to(weight.device), weight, 0).double().abs().sum())
             if not math.isclose(actual, expected, rel_tol=_FINGERPRINT_RTOL, abs_tol=1e-12):
                 raise ValueError(
@@ -303,6 +333,9 @@ def apply_proxsparse(
                     f"weights sum to {actual:.6g} in magnitude, the adapter recorded {expected:.6g}. Use the base "
                     f"model {manifest.get('base_model_name_or_path')!r} (or pass verify_weights=False)."
                 )
+    if permutation:
+        apply_index_maps(model, permutation)
+        logger.info("Applied the channel permutation of %d parameters from %s", len(permutation), path)
     apply_2to4_masks(model, masks)
     logger.info("Applied %d 2:4 masks from %s", len(masks), path)
     return model.eval()

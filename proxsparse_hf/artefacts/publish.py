@@ -91,4 +91,5 @@ def publishable(
         run_info=type(source.run_info).from_dict(info),
         eval_results=eval_results,
         path=None,
+        permutation=source.load_permutation(),  # the folder's file, now held in memory
     )

@@ -14,12 +14,15 @@ meta-device skeleton (:func:`inspect_model`), sequence lengths (:func:`check_seq
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import re
 import shlex
 import sys
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_DTYPE = "float32"
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
@@ -181,19 +184,28 @@ def add_calibration_args(
     return group
 
 
-def add_permutation_args(parser: argparse.ArgumentParser) -> None:
-    """``--permute`` and ``--permute-importance`` of ``prune`` and ``learn``."""
+PERMUTE_CHOICES = ("auto", "yes", "no")
+
+
+def add_permutation_args(parser: argparse.ArgumentParser, default: str = "no") -> None:
+    """``--permute {auto,yes,no}`` / ``--no-permute`` and ``--permute-importance`` of ``prune`` and ``learn``
+    (``default``: ``"auto"`` for ``learn``, ``"no"`` for ``prune``, whose baselines run as their authors do)."""
     from ..permutation.search import PERMUTATION_IMPORTANCES
 
     group = parser.add_argument_group("channel permutation")
     group.add_argument(
         "--permute",
-        action="store_true",
+        nargs="?",
+        const="yes",
+        default=default,
+        choices=PERMUTE_CHOICES,
         help="Before the mask is found, permute the input channels of every o_proj and down_proj target so that more "
         "importance falls inside the 2:4 groups, folded into v_proj / gate_proj + up_proj: the dense model computes "
-        "the same, the output is still a plain checkpoint (not shareable as a mask-only adapter). Llama, Mistral, "
-        "Qwen2.",
+        "the same and the output is a plain checkpoint. yes (or --permute alone): Llama, Mistral, Qwen2, else an "
+        "error; auto: wherever the architecture allows it in a single-process run; no: keep the checkpoint's order "
+        f"(needed to share the result as a mask-only adapter). Default: {default}.",
     )
+    group.add_argument("--no-permute", dest="permute", action="store_const", const="no", help="Same as --permute no.")
     group.add_argument(
         "--permute-importance",
         default=None,
@@ -205,20 +217,80 @@ def add_permutation_args(parser: argparse.ArgumentParser) -> None:
 
 
 def permutation_importance(args: argparse.Namespace, method: str, config: Any) -> str | None:
-    """The importance ``--permute`` maximises for ``method`` (None without ``--permute``); the architecture is
-    checked separately (:func:`proxsparse_hf.permutation.check_permutable` on the model's config).
+    """The importance a permutation before ``method`` maximises (None with ``--permute no``); with ``--permute auto``
+    :func:`resolve_permutation` still decides, from the model's config, whether it runs.
 
     Raises:
-        ValueError: ``--permute-importance`` without ``--permute``.
+        ValueError: ``--permute-importance`` with ``--permute no``.
     """
     from ..permutation import permutation_importance_for
 
     choice = getattr(args, "permute_importance", None)
-    if not getattr(args, "permute", False):
+    if getattr(args, "permute", "no") == "no":
         if choice is not None:
-            raise ValueError(f"`--permute-importance`={choice!r} needs `--permute`.")
+            raise ValueError(f"`--permute-importance`={choice!r} needs `--permute` (yes or auto).")
         return None
     return permutation_importance_for(method, config) if choice in (None, "auto") else choice
+
+
+def resolve_permutation(args: argparse.Namespace, importance: str | None, model_config: Any) -> str | None:
+    """Whether the run permutes, from the model's config (before any weight is loaded): ``importance`` or None.
+    ``--permute yes`` refuses an unsupported architecture; ``auto`` skips it (and multi-process or ``--fsdp`` runs,
+    where every rank would search on its own), saying so at INFO level.
+
+    Raises:
+        ValueError: ``--permute yes`` and a model type the permutation does not support.
+    """
+    from ..permutation import SUPPORTED_ARCHITECTURES, check_permutable
+
+    if importance is None:
+        return None
+    if getattr(args, "permute", "no") == "yes":
+        check_permutable(model_config)
+        return importance
+    from ..learning.distributed import world_size
+
+    model_type = getattr(model_config, "model_type", None)
+    if model_type not in SUPPORTED_ARCHITECTURES:
+        logger.info(
+            "--permute auto: no channel permutation for model_type=%r (supported: %s).",
+            model_type,
+            ", ".join(SUPPORTED_ARCHITECTURES),
+        )
+        return None
+    if getattr(args, "fsdp", False) or world_size() > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        logger.info("--permute auto: no channel permutation in a sharded or multi-process run.")
+        return None
+    return importance
+
+
+def permute_loaded_model(
+    args: argparse.Namespace,
+    model: Any,
+    config: Any,
+    importance: str | None,
+    calibration: Any,
+    *,
+    show_progress: bool = False,
+) -> Any:
+    """Permute the channels of the loaded dense ``model`` when :func:`resolve_permutation` said so (``importance``
+    not None) and, with ``--permute auto``, some target is an ``o_proj`` / ``down_proj``; returns the
+    ``PermutationReport`` (None when nothing was permuted)."""
+    if importance is None:
+        return None
+    from ..permutation import permutable_layers, permute_channels
+
+    if getattr(args, "permute", "no") == "auto" and not permutable_layers(model, config):
+        logger.info("--permute auto: none of the targets is an o_proj / down_proj; no channel permutation.")
+        return None
+    return permute_channels(
+        model,
+        config,
+        importance=importance,
+        calibration=calibration,
+        batch_size=args.batch_size,
+        show_progress=show_progress,
+    )
 
 
 # ------------------------------------------------------------------------------------------------------- parsing

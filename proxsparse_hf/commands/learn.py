@@ -119,7 +119,7 @@ def register(subparsers) -> argparse.ArgumentParser:
         "--solver-backend", default=None, choices=list(SOLVER_BACKENDS), help=_config_help("solver_backend")
     )
     add_target_args(p, default_help="Default: the recipe's (or --config's), i.e. all-linear.")
-    add_permutation_args(p)
+    add_permutation_args(p, default="auto")
 
     train = p.add_argument_group("training")
     train.add_argument(
@@ -203,7 +203,9 @@ def run(args: argparse.Namespace) -> int:
         inspect_model,
         load_calibration,
         permutation_importance,
+        permute_loaded_model,
         resolve_calibration,
+        resolve_permutation,
     )
 
     # every check that needs no weights, before anything is loaded or written
@@ -231,10 +233,7 @@ def run(args: argparse.Namespace) -> int:
     device_map = _device_map(args)
     documents = resolve_calibration(args)
     model_config = inspect_model(args, config)
-    if permute is not None:
-        from proxsparse_hf.permutation import check_permutable
-
-        check_permutable(model_config)
+    permute = resolve_permutation(args, permute, model_config)
     check_seq_len(model_config, args.seq_len)
     source = {"gguf_file": args.gguf_file, "revision": args.revision}
     tokenizer = loading.load_tokenizer(args.model, **source)
@@ -248,13 +247,8 @@ def run(args: argparse.Namespace) -> int:
     )
     if config.base_model_name_or_path is None:
         config.base_model_name_or_path = args.model if args.gguf_file is None else f"{args.model}/{args.gguf_file}"
-    permutation = None
-    if permute is not None:  # before learning: the learner's snapshot W0 is the permuted dense model
-        from proxsparse_hf.permutation import permute_channels
-
-        permutation = permute_channels(
-            model, config, importance=permute, calibration=data, batch_size=args.batch_size
-        ).summary()
+    # before learning: the learner's snapshot W0 is the permuted dense model
+    permutation = permute_loaded_model(args, model, config, permute, data)
     report_to = [] if args.report_to in ("none", "") else [r.strip() for r in args.report_to.split(",")]
     result = learn_mask(
         model,
@@ -286,7 +280,7 @@ def run(args: argparse.Namespace) -> int:
         "training": {**result.training_args, "steps": result.steps, "tokens": result.tokens},
         "wall_time_s": result.wall_time_s,
         "prox_seconds": result.prox_seconds,
-        "permutation": permutation,
+        "permutation": None if permutation is None else permutation.summary(),
         "peak_gpu_memory_gib": result.peak_gpu_memory_gib,
         **({"device_map": _placement(model)} if device_map is not None else {}),
         "command": command_line(args),
@@ -301,6 +295,7 @@ def run(args: argparse.Namespace) -> int:
         run_info=run_info,
         training_log=result.log_history,
         overwrite=args.overwrite,
+        permutation=None if permutation is None else permutation.index_maps,
     )
     try:
         from proxsparse_hf.evaluation.plot import plot_telemetry
@@ -318,6 +313,7 @@ def run(args: argparse.Namespace) -> int:
         "layers_2to4": result.report.num_2to4_layers,
         "target_sparsity": round(result.report.target_sparsity, 4),
         "overall_sparsity": round(result.report.overall_sparsity, 4),
+        "permuted_layers": len(permutation.layers) if permutation else 0,
         "peak_gpu_memory_gib": result.peak_gpu_memory_gib,
         "final_loss": _final_loss(result.log_history),
     }

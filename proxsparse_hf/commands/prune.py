@@ -187,7 +187,9 @@ def run(args: argparse.Namespace) -> int:
         inspect_model,
         load_calibration,
         permutation_importance,
+        permute_loaded_model,
         resolve_calibration,
+        resolve_permutation,
     )
 
     # every check that needs no weights, before anything is loaded or written
@@ -203,10 +205,8 @@ def run(args: argparse.Namespace) -> int:
     needs_calibration = spec.needs_calibration or permute not in (None, "magnitude")
     documents = resolve_calibration(args) if needs_calibration else None
     model_config = inspect_model(args, config)
-    if permute is not None:
-        from ..permutation import check_permutable
-
-        check_permutable(model_config)
+    permute = resolve_permutation(args, permute, model_config)
+    needs_calibration = spec.needs_calibration or permute not in (None, "magnitude")
     source = {"gguf_file": args.gguf_file, "revision": args.revision}
     tokenizer = loading.load_tokenizer(args.model, **source)
     calibration, calibration_info = None, None
@@ -217,24 +217,13 @@ def run(args: argparse.Namespace) -> int:
     model = loading.load_model(args.model, config=model_config, dtype=args.dtype, device=args.device, **source)
     config.revision = args.revision or loading.model_revision(model)
     prune_start = time.perf_counter()
-    permutation = None
-    if permute is not None:
-        from ..permutation import permute_channels
-
-        permutation = permute_channels(
-            model,
-            config,
-            importance=permute,
-            calibration=calibration,
-            batch_size=args.batch_size,
-            show_progress=not args.no_progress,
-        ).summary()
+    permutation = permute_loaded_model(args, model, config, permute, calibration, show_progress=not args.no_progress)
     masks = prune(model, args.method, calibration, config, **options)
     prune_time = time.perf_counter() - prune_start
     run_info = {
         "calibration": calibration_info,
         "method_config": {k: v for k, v in options.items() if k != "show_progress"},
-        "permutation": permutation,
+        "permutation": None if permutation is None else permutation.summary(),
         "prune_time_s": prune_time,
         "wall_time_s": time.perf_counter() - start,
         "command": command_line(args),
@@ -248,6 +237,7 @@ def run(args: argparse.Namespace) -> int:
         method=args.method,
         run_info=run_info,
         overwrite=args.overwrite,
+        permutation=None if permutation is None else permutation.index_maps,
     )
     report = output.report
     summary = {
@@ -257,7 +247,7 @@ def run(args: argparse.Namespace) -> int:
         "layers_2to4": report.num_2to4_layers,
         "target_sparsity": round(report.target_sparsity, 4),
         "overall_sparsity": round(report.overall_sparsity, 4),
-        "permuted_layers": len(permutation["layers"]) if permutation else 0,
+        "permuted_layers": len(permutation.layers) if permutation else 0,
         "prune_time_s": round(prune_time, 1),
         "wall_time_s": round(time.perf_counter() - start, 1),
     }

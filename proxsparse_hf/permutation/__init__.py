@@ -36,9 +36,11 @@ from .folding import (
     PermutationReport,
     PermutedLayer,
     check_permutable,
+    permutable_layers,
     permutation_importance_for,
     permute_channels,
 )
+from .record import apply_index_maps, load_index_maps, save_index_maps
 from .search import PERMUTATION_IMPORTANCES, PERMUTATION_REFINEMENTS, find_permutation, kept_importance
 
 __all__ = [
@@ -47,9 +49,13 @@ __all__ = [
     "SUPPORTED_ARCHITECTURES",
     "PermutationReport",
     "PermutedLayer",
+    "apply_index_maps",
     "check_permutable",
+    "permutable_layers",
     "find_permutation",
     "kept_importance",
+    "load_index_maps",
     "permutation_importance_for",
     "permute_channels",
+    "save_index_maps",
 ]

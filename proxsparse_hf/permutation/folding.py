@@ -21,6 +21,7 @@ __all__ = [
     "PermutationReport",
     "PermutedLayer",
     "check_permutable",
+    "permutable_layers",
     "permutation_importance_for",
     "permute_channels",
 ]
@@ -48,6 +49,9 @@ SUPPORTED_ARCHITECTURES: Mapping[str, _BlockNames] = {
 """``config.model_type`` → where the producer / consumer pairs sit in its decoder blocks."""
 
 _PROBE_TOKENS = 16
+# calibration windows the input norms of an activation-aware permutation read by default: as many as the calibration
+# sets of Wanda / SparseGPT and more, while a multi-million-token training set costs no extra pass over its data
+DEFAULT_NORM_WINDOWS = 512
 _VERIFY_RTOL = {torch.float32: 1e-4, torch.float64: 1e-8}  # relative L2 error of the logits; 16-bit dtypes: 5e-2
 
 
@@ -89,7 +93,10 @@ class PermutationReport:
         layers: the permuted layers.
         skipped: ``{module: reason}`` for targets that could not be permuted.
         seconds: wall time (input norms, search and folding).
-        permutations: ``{consumer: LongTensor}`` (new input channel ``k`` = old channel ``perm[k]``); not serialised.
+        permutations: ``{consumer: LongTensor}`` (new input channel ``k`` = old channel ``perm[k]``).
+        index_maps: every re-indexed parameter as ``{name: (dim, index)}`` (consumers along dim 1, the producers'
+            weights and biases along dim 0): what :func:`~proxsparse_hf.permutation.record.apply_index_maps` replays
+            on a base model and an output folder saves.
     """
 
     importance: str
@@ -99,6 +106,7 @@ class PermutationReport:
     skipped: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
     permutations: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    index_maps: dict[str, tuple[int, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     @property
     def kept_change(self) -> float:
@@ -155,6 +163,16 @@ def check_permutable(model_config: Any) -> None:
             f"`model_type`={model_type!r} is not supported by the channel permutation; allowed: "
             f"{', '.join(SUPPORTED_ARCHITECTURES)}."
         )
+
+
+def permutable_layers(model: nn.Module, targets: Any = None) -> list[str]:
+    """The ``o_proj`` / ``down_proj`` targets :func:`permute_channels` would permute (``targets`` as there); empty for
+    an unsupported architecture or a target selection without them."""
+    from ..targets import find_targets
+
+    if getattr(getattr(model, "config", None), "model_type", None) not in SUPPORTED_ARCHITECTURES:
+        return []
+    return [plan.name for plan in _plans(model, set(find_targets(model, targets)), {})]
 
 
 def _check_importance(importance: Any) -> str:
@@ -251,9 +269,15 @@ def _plans(model: nn.Module, names: set[str], skipped: dict[str, str]) -> list[_
 
 
 def _input_norms(
-    model: nn.Module, modules: Mapping[str, nn.Module], calibration: Any, batch_size: int, show_progress: bool
+    model: nn.Module,
+    modules: Mapping[str, nn.Module],
+    calibration: Any,
+    batch_size: int,
+    show_progress: bool,
+    max_windows: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """``‖X_j‖₂`` of every input channel of ``modules`` over the calibration windows (one full forward each)."""
+    """``‖X_j‖₂`` of every input channel of ``modules`` over the first ``max_windows`` calibration windows (all with
+    None; one full forward each)."""
     from tqdm.auto import tqdm
 
     from ..activations import InputNormStats
@@ -261,6 +285,8 @@ def _input_norms(
     from ..pruners.capture import CalibrationBatches
 
     batches = CalibrationBatches.from_any(calibration, batch_size=batch_size)
+    if max_windows is not None:
+        batches = batches.first(max_windows)
     stats = {name: InputNormStats(m.in_features, device=m.weight.device) for name, m in modules.items()}
     handles = [
         m.register_forward_pre_hook(lambda module, args, st=stats[name]: st.add(args[0].detach()))
@@ -320,6 +346,7 @@ def permute_channels(
     rounds: int = 3,
     alpha: float = 0.5,
     batch_size: int = 1,
+    max_windows: int | None = DEFAULT_NORM_WINDOWS,
     verify: bool = True,
     show_progress: bool = False,
 ) -> PermutationReport:
@@ -340,6 +367,8 @@ def permute_channels(
         rounds: passes of the refinement over the four positions of a group.
         alpha: exponent of ``‖X_j‖`` in the RIA score.
         batch_size: calibration windows per forward pass.
+        max_windows: the input norms are measured on the first this many calibration windows (None: all of them); a
+            large training budget then costs no extra pass over its data.
         verify: compare the logits of a short probe before and after, and undo the permutation (``RuntimeError``)
             if they differ by more than rounding.
         show_progress: progress bars.
@@ -363,6 +392,10 @@ def permute_channels(
         raise ValueError(f"`alpha`={alpha!r} is invalid; allowed: a number >= 0.")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"`batch_size`={batch_size!r} is invalid; allowed: an integer >= 1.")
+    if max_windows is not None and (
+        isinstance(max_windows, bool) or not isinstance(max_windows, int) or max_windows < 1
+    ):
+        raise ValueError(f"`max_windows`={max_windows!r} is invalid; allowed: None or an integer >= 1.")
     if importance != "magnitude" and calibration is None:
         raise ValueError(f"`importance`={importance!r} reads activations; pass `calibration` windows.")
     check_permutable(getattr(model, "config", None))
@@ -389,7 +422,8 @@ def permute_channels(
     try:
         norms = {}
         if importance != "magnitude" and plans:
-            norms = _input_norms(model, {p.name: p.consumer for p in plans}, calibration, batch_size, show_progress)
+            consumers = {p.name: p.consumer for p in plans}
+            norms = _input_norms(model, consumers, calibration, batch_size, show_progress, max_windows)
         reference = _probe_logits(model) if verify and plans else None
         from tqdm.auto import tqdm
 
@@ -413,6 +447,11 @@ def permute_channels(
             folded.append((plan, consumer_perm, producer_perm))
             report.layers.append(layer)
             report.permutations[plan.name] = consumer_perm.cpu()
+            report.index_maps[f"{plan.name}.weight"] = (1, consumer_perm.cpu())
+            for producer_name, producer in plan.producers.items():
+                report.index_maps[f"{producer_name}.weight"] = (0, producer_perm.cpu())
+                if producer.bias is not None:
+                    report.index_maps[f"{producer_name}.bias"] = (0, producer_perm.cpu())
         if reference is not None:
             _verify(model, reference, folded)
     finally:

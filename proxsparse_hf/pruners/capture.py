@@ -71,6 +71,18 @@ class CalibrationBatches:
     def seq_len(self) -> int:
         return int(self.batches[0]["input_ids"].shape[-1])
 
+    def first(self, n: int) -> CalibrationBatches:
+        """The first ``n`` windows (all of them when there are fewer), in the same batches (the last one cut)."""
+        kept: list[dict[str, torch.Tensor]] = []
+        left = n
+        for batch in self.batches:
+            if left <= 0:
+                break
+            size = int(batch["input_ids"].shape[0])
+            kept.append(batch if size <= left else {k: v[:left] for k, v in batch.items()})
+            left -= size
+        return CalibrationBatches(kept)
+
     @classmethod
     def from_any(cls, data: Any, batch_size: int = 1) -> CalibrationBatches:
         """Accept a :class:`~proxsparse_hf.data.TokenWindows`, an ``[N, L]`` integer tensor, or an iterable of dicts with
