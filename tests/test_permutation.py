@@ -329,9 +329,11 @@ def test_learn_permutes_by_default_and_its_mask_adapter_replays_the_permutation(
     maps = output.load_permutation()
     assert {f"{name}.weight" for name in output.run_info.permuted_layers} <= set(maps)
     assert {dim for dim, _ in maps.values()} == {0, 1}
-    assert cli_main(["export", str(out), "-o", str(tmp_path / "adapter"), "--artefact", "mask"]) == 0
+    assert cli_main(["export", str(out), "-o", str(tmp_path / "adapter"), "--artefact", "mask", "--card"]) == 0
     adapter = tmp_path / "adapter"
     assert (adapter / PERMUTATION_NAME).is_file()
+    card = (adapter / "README.md").read_text()
+    assert "carries the channel permutation of 4 layers" in card and "apply_proxsparse` folds it" in card
     learned = AutoModelForCausalLM.from_pretrained(out).state_dict()
     base = AutoModelForCausalLM.from_pretrained(workspace / "model")
     original = {k: v.clone() for k, v in base.state_dict().items()}

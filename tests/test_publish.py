@@ -17,7 +17,7 @@ from test_export import assert_state_equal
 from proxsparse_hf.artefacts import load_output_dir, load_pruned
 from proxsparse_hf.artefacts.mask_adapter import MASK_MANIFEST_NAME
 from proxsparse_hf.cli import main
-from proxsparse_hf.constants import CARD_NAME, CONFIG_NAME, EVAL_RESULTS_NAME, RUN_INFO_NAME
+from proxsparse_hf.constants import CARD_NAME, CONFIG_NAME, EVAL_RESULTS_NAME, PERMUTATION_NAME, RUN_INFO_NAME
 from proxsparse_hf.hub.checks import check_model_card
 from proxsparse_hf.pruners import get_pruner
 
@@ -216,3 +216,17 @@ def test_compare_then_card_end_to_end(workspace, tmp_path, capsys):
     assert _cli(["push", workspace["out"], repo, "--comparison", workspace["comparison"]]) == 0
     pushed = open(hf_hub_download(repo, CARD_NAME)).read()
     assert f"| {dense} |" in pushed and "perplexity.png" in HfApi().list_repo_files(repo)
+
+
+def test_a_permuted_mask_adapter_round_trips_through_the_hub(workspace, tmp_path):
+    """A mask found after a channel permutation: the pushed adapter holds the permutation, and the model loaded from
+    the Hub onto the local base equals the pruned model bit for bit."""
+    out = str(tmp_path / "permuted")
+    assert _cli(["prune", workspace["base"], "--method", "magnitude", "--permute", "-o", out, "--no-progress"]) == 0
+    assert load_output_dir(out).run_info.permuted_layers
+    repo = _repo("permuted-mask")
+    assert _cli(["push", out, repo, "--artefact", "mask"]) == 0
+    folder = snapshot_download(repo)
+    manifest = json.load(open(os.path.join(folder, MASK_MANIFEST_NAME)))
+    assert manifest["permutation_file"] == PERMUTATION_NAME and os.path.isfile(os.path.join(folder, PERMUTATION_NAME))
+    assert_state_equal(load_output_dir(out).with_model().model, load_pruned(repo, base_model=workspace["base"]))

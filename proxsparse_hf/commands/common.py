@@ -202,8 +202,8 @@ def add_permutation_args(parser: argparse.ArgumentParser, default: str = "no") -
         help="Before the mask is found, permute the input channels of every o_proj and down_proj target so that more "
         "importance falls inside the 2:4 groups, folded into v_proj / gate_proj + up_proj: the dense model computes "
         "the same and the output is a plain checkpoint. yes (or --permute alone): Llama, Mistral, Qwen2, else an "
-        "error; auto: wherever the architecture allows it in a single-process run; no: keep the checkpoint's order "
-        f"(needed to share the result as a mask-only adapter). Default: {default}.",
+        "error; auto: wherever the architecture allows it in a single-process run; no: keep the checkpoint's order. "
+        f"A mask-only adapter carries the permutation and replays it on the base model. Default: {default}.",
     )
     group.add_argument("--no-permute", dest="permute", action="store_const", const="no", help="Same as --permute no.")
     group.add_argument(

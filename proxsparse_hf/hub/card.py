@@ -209,12 +209,18 @@ def build_model_card(
             f"weights); overall sparsity {report.overall_sparsity:.2%} of {report.total_params:,} parameters; "
             f"{report.num_2to4_layers}/{len(report.layers)} target weights are valid {pattern}."
         )
+    artefact_description = fmt.card_description(revision)
+    if fmt.base_model_relation == "adapter" and run_info.permuted_layers:
+        artefact_description += (
+            f" It also carries the channel permutation of {len(run_info.permuted_layers)} layers the mask was found "
+            "after; `apply_proxsparse` folds it into the base model first, which leaves the model's outputs unchanged."
+        )
     return ModelCard.from_template(
         card_data,
         template_path=template_path or default_template_path(),
         title=f"{model_name}: {pattern} sparse {base_name} ({label})",
         summary=summary,
-        artefact_description=fmt.card_description(revision),
+        artefact_description=artefact_description,
         method_description=method_description(method),
         hyperparameters=hyperparameters(config, run_info),
         sparsity_summary=sparsity_summary,
