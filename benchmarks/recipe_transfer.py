@@ -94,12 +94,10 @@ class LearnInvocation:
 
     def resolve_permutation(self, model: Any) -> None:
         """Decide ``--permute auto`` from the loaded model as the CLI does (its config, then its targets)."""
-        from proxsparse_hf.commands.common import resolve_permutation
-        from proxsparse_hf.permutation import permutable_layers
+        from proxsparse_hf.commands.common import permutes_loaded_model, resolve_permutation
 
-        self.permute = resolve_permutation(self.args, self.permute, model.config)
-        if self.permute is not None and self.args.permute == "auto" and not permutable_layers(model, self.config):
-            self.permute = None
+        importance = resolve_permutation(self.args, self.permute, model.config)
+        self.permute = permutes_loaded_model(self.args, model, self.config, importance)
 
     @property
     def permute_options(self) -> dict[str, Any] | None:

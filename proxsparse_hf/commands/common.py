@@ -264,6 +264,19 @@ def resolve_permutation(args: argparse.Namespace, importance: str | None, model_
     return importance
 
 
+def permutes_loaded_model(args: argparse.Namespace, model: Any, config: Any, importance: str | None) -> str | None:
+    """``importance`` (from :func:`resolve_permutation`) after the one check that needs the loaded model: with
+    ``--permute auto``, None when no target is an ``o_proj`` / ``down_proj``."""
+    if importance is None or getattr(args, "permute", "no") != "auto":
+        return importance
+    from ..permutation import permutable_layers
+
+    if not permutable_layers(model, config):
+        logger.info("--permute auto: none of the targets is an o_proj / down_proj; no channel permutation.")
+        return None
+    return importance
+
+
 def permute_loaded_model(
     args: argparse.Namespace,
     model: Any,
@@ -273,16 +286,13 @@ def permute_loaded_model(
     *,
     show_progress: bool = False,
 ) -> Any:
-    """Permute the channels of the loaded dense ``model`` when :func:`resolve_permutation` said so (``importance``
-    not None) and, with ``--permute auto``, some target is an ``o_proj`` / ``down_proj``; returns the
-    ``PermutationReport`` (None when nothing was permuted)."""
+    """Permute the channels of the loaded dense ``model`` when :func:`resolve_permutation` and
+    :func:`permutes_loaded_model` say so; returns the ``PermutationReport`` (None when nothing was permuted)."""
+    importance = permutes_loaded_model(args, model, config, importance)
     if importance is None:
         return None
-    from ..permutation import permutable_layers, permute_channels
+    from ..permutation import permute_channels
 
-    if getattr(args, "permute", "no") == "auto" and not permutable_layers(model, config):
-        logger.info("--permute auto: none of the targets is an o_proj / down_proj; no channel permutation.")
-        return None
     return permute_channels(
         model,
         config,

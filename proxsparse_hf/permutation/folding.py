@@ -93,7 +93,6 @@ class PermutationReport:
         layers: the permuted layers.
         skipped: ``{module: reason}`` for targets that could not be permuted.
         seconds: wall time (input norms, search and folding).
-        permutations: ``{consumer: LongTensor}`` (new input channel ``k`` = old channel ``perm[k]``).
         index_maps: every re-indexed parameter as ``{name: (dim, index)}`` (consumers along dim 1, the producers'
             weights and biases along dim 0): what :func:`~proxsparse_hf.permutation.record.apply_index_maps` replays
             on a base model and an output folder saves.
@@ -105,8 +104,13 @@ class PermutationReport:
     layers: list[PermutedLayer] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
-    permutations: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     index_maps: dict[str, tuple[int, torch.Tensor]] = field(default_factory=dict, repr=False)
+
+    @property
+    def permutations(self) -> dict[str, torch.Tensor]:
+        """``{consumer: LongTensor}`` (new input channel ``k`` = old channel ``perm[k]``): the dim-1 entries of
+        :attr:`index_maps`, which only the consumers' weights have."""
+        return {name.removesuffix(".weight"): index for name, (dim, index) in self.index_maps.items() if dim == 1}
 
     @property
     def kept_change(self) -> float:
@@ -446,7 +450,6 @@ def permute_channels(
             _fold(plan, consumer_perm, producer_perm)
             folded.append((plan, consumer_perm, producer_perm))
             report.layers.append(layer)
-            report.permutations[plan.name] = consumer_perm.cpu()
             report.index_maps[f"{plan.name}.weight"] = (1, consumer_perm.cpu())
             for producer_name, producer in plan.producers.items():
                 report.index_maps[f"{producer_name}.weight"] = (0, producer_perm.cpu())
